@@ -1,0 +1,157 @@
+"""The few places where lightning_gradguard touches Lightning (and GradScaler) internals.
+
+Everything that reads a private attribute lives here, so that a Lightning or torch
+upgrade that moves one has a single place to mend.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_gradguard.stats import GradSnapshot, ParamSet, take_snapshot
+
+PHASE_BACKWARD = "backward"
+PHASE_STEP = "step"
+
+
+def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The enabled fp16 ``GradScaler`` of the trainer's precision plugin, if any."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not hasattr(scaler, "is_enabled") or not scaler.is_enabled():
+        return None
+    return scaler
+
+
+def optimizer_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran for the current step."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states.get(id(optimizer))  # a defaultdict: .get does not create
+    return state is not None and state["stage"] is OptState.UNSCALED
+
+
+def current_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """The scale as a device tensor (no host sync), or ``None`` before the first ``scale()``."""
+    return scaler._get_scale_async()
+
+
+def pending_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer | None, phase: str) -> Tensor | None:
+    """The loss scale still applied to the gradients at this point, or ``None``.
+
+    In ``on_after_backward`` gradients are always scaled under an enabled scaler. In
+    ``on_before_optimizer_step`` they are scaled unless ``unscale_`` ran for this optimizer
+    (Lightning skips it for optimizers that unscale inside ``step()``).
+    """
+    scaler = grad_scaler(trainer)
+    if scaler is None:
+        return None
+    if phase == PHASE_STEP and optimizer is not None and optimizer_unscaled(scaler, optimizer):
+        return None
+    return current_scale(scaler)
+
+
+def raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
+    """Position of ``optimizer`` in ``trainer.optimizers`` (0 if it is not there)."""
+    for i, opt in enumerate(trainer.optimizers):
+        if raw_optimizer(opt) is optimizer:
+            return i
+    return 0
+
+
+@dataclass
+class _Session:
+    """Per-trainer state shared by every gradguard callback attached to it."""
+
+    backward_count: int = 0
+    last_loss: Tensor | None = None
+    param_sets: dict[Any, tuple[int, ParamSet]] = field(default_factory=dict)
+    snapshot_key: tuple[Any, ...] | None = None
+    snapshots: dict[tuple[Any, ...], GradSnapshot] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+_SESSIONS: weakref.WeakKeyDictionary[pl.Trainer, _Session] = weakref.WeakKeyDictionary()
+
+
+def session(trainer: pl.Trainer) -> _Session:
+    """The shared state of ``trainer`` (created on first use)."""
+    state = _SESSIONS.get(trainer)
+    if state is None:
+        state = _SESSIONS[trainer] = _Session()
+    return state
+
+
+def note_backward(trainer: pl.Trainer, loss: Tensor) -> None:
+    """Count one backward pass; every gradguard callback calls this in ``on_before_backward``.
+
+    All callbacks of one backward receive the same ``loss`` object, so the count moves
+    once per backward whatever the number of callbacks. A strong reference to the last
+    loss is kept so that its ``id`` cannot be reused by the next one.
+    """
+    state = session(trainer)
+    if state.last_loss is not loss:
+        state.last_loss = loss
+        state.backward_count += 1
+
+
+def _param_count(optimizer: torch.optim.Optimizer | None, module: torch.nn.Module) -> int:
+    if optimizer is None:
+        return sum(1 for _ in module.parameters())
+    return sum(len(g["params"]) for g in optimizer.param_groups)
+
+
+def param_set(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None
+) -> ParamSet:
+    """The cached :class:`ParamSet` of ``optimizer`` (or of the whole module when ``None``)."""
+    state = session(trainer)
+    key = id(optimizer) if optimizer is not None else None
+    count = _param_count(optimizer, pl_module)
+    cached = state.param_sets.get(key)
+    if cached is not None and cached[0] == count:
+        return cached[1]
+    if optimizer is None:
+        params = ParamSet.from_module(pl_module)
+    else:
+        params = ParamSet.from_optimizer(optimizer, pl_module)
+    state.param_sets[key] = (count, params)
+    return params
+
+
+def shared_snapshot(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    phase: str,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> GradSnapshot:
+    """The gradient snapshot of this moment, computed once and shared by all callbacks.
+
+    Keyed by phase, backward count, global step and optimizer: whichever gradguard callback
+    asks first computes it, the others get the same object, whatever their order. The
+    snapshot shows the gradients as backward produced them (unscaled, before any clipping
+    by a gradguard callback), so every callback sees the same numbers.
+    """
+    state = session(trainer)
+    if phase == PHASE_BACKWARD:
+        optimizer = None
+    key = (phase, state.backward_count, trainer.global_step, id(optimizer) if optimizer is not None else None)
+    if state.snapshot_key is None or state.snapshot_key[:3] != key[:3]:
+        state.snapshots.clear()
+    state.snapshot_key = key
+    snap = state.snapshots.get(key)
+    if snap is None:
+        params = param_set(trainer, pl_module, optimizer)
+        snap = take_snapshot(params, scale=pending_scale(trainer, optimizer, phase))
+        state.snapshots[key] = snap
+    return snap

@@ -1,0 +1,47 @@
+"""Shared plumbing of the gradguard callbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_gradguard import _lightning
+from lightning_gradguard.stats import GradSnapshot
+
+
+class GradGuardCallback(Callback):
+    """Base class: counts backward passes so that all gradguard callbacks share one snapshot."""
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        _lightning.note_backward(trainer, loss)
+
+    def _snapshot(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: str, optimizer: Any = None
+    ) -> GradSnapshot:
+        if optimizer is not None:
+            optimizer = _lightning.raw_optimizer(optimizer)
+        return _lightning.shared_snapshot(trainer, pl_module, phase, optimizer)
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 1 (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        allowed = "an integer >= 1" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")

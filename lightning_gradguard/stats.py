@@ -1,0 +1,574 @@
+"""Gradient snapshots: one pass over the gradients of one optimizer step.
+
+This module is plain PyTorch; nothing in it needs a ``Trainer``.
+
+The pipeline is:
+
+1. :class:`ParamSet` — the ordered parameters that one optimizer (or one module)
+   owns, with their qualified names. Built once, reused every step.
+2. :class:`Grouping` — a partition of a ``ParamSet`` into named layers
+   (by owning module, per tensor, by module depth, or by user patterns). Built once.
+3. :func:`take_snapshot` — per-tensor squared L2 norms and max-abs values of the
+   gradients, computed with ``torch._foreach_norm`` per (device, dtype) bucket,
+   divided by a pending loss scale when given, reduced across ranks for sharded
+   (DTensor / FSDP2) gradients, and kept on the device.
+4. :meth:`GradSnapshot.grouped` — per-group norms, total norm and finiteness from
+   the per-tensor values with one ``index_add`` (no second pass over gradients).
+5. :meth:`GroupedStats.to_host` — everything copied to the host in one transfer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_gradguard.stats import ParamSet, Grouping, take_snapshot
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    >>> model(torch.randn(16, 4)).sum().backward()
+    >>> params = ParamSet.from_module(model)
+    >>> layers = Grouping.build(params, group_by="module")
+    >>> stats = take_snapshot(params).grouped(layers).to_host()
+    >>> sorted(stats.group_norms)
+    ['0', '2']
+    >>> stats.all_finite
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:  # torch.distributed may be absent from some builds
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover - exercised only on builds without distributed
+    dist = None  # type: ignore[assignment]
+    DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "GROUP_BY_CHOICES",
+    "GradSnapshot",
+    "GroupedStats",
+    "Grouping",
+    "HostStats",
+    "iter_group_tensors",
+    "local_tensor",
+    "ParamSet",
+    "take_snapshot",
+    "tensor_stats",
+]
+
+#: Allowed values of ``group_by``.
+GROUP_BY_CHOICES = ("module", "parameter", "depth", "pattern", "total")
+
+_RESERVED_GROUP_NAMES = frozenset({"total"})
+_ROOT_GROUP = "root"
+_UNMATCHED_GROUP = "other"
+
+
+# --------------------------------------------------------------------------------------
+# Parameter sets
+# --------------------------------------------------------------------------------------
+
+
+def _reduce_groups(t: Tensor) -> tuple[Any, ...]:
+    """Process groups over which a sharded tensor's local squared norms must be summed.
+
+    A plain tensor or a fully replicated DTensor needs no reduction. A DTensor sharded
+    along some mesh dimensions needs a sum over each of those dimensions' groups; doing
+    the sums one dimension after the other gives the sum over all shards.
+    """
+    if DTensor is None or not isinstance(t, DTensor):
+        return ()
+    groups = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            groups.append(t.device_mesh.get_group(dim))
+        elif placement.is_partial():
+            raise RuntimeError(
+                "lightning_gradguard cannot take norms of a DTensor with a Partial placement "
+                f"(placements={t.placements}); reduce it first."
+            )
+    return tuple(groups)
+
+
+@dataclass(frozen=True, eq=False)
+class ParamSet:
+    """The trainable parameters of one optimizer or module, in a fixed order.
+
+    Args:
+        params: the parameter tensors (only those with ``requires_grad``).
+        names: one qualified name per parameter (``"encoder.0.weight"``).
+
+    Built once and reused: computing it walks ``named_parameters()``.
+    """
+
+    params: tuple[Tensor, ...]
+    names: tuple[str, ...]
+    reduce_keys: tuple[tuple[Any, ...], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.params) != len(self.names):
+            raise ValueError(
+                f"`names` must have one entry per parameter: got {len(self.names)} names "
+                f"for {len(self.params)} parameters."
+            )
+        if not self.reduce_keys:
+            object.__setattr__(self, "reduce_keys", tuple(_reduce_groups(p) for p in self.params))
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any parameter is a sharded DTensor (FSDP2), so norms need a collective."""
+        return any(self.reduce_keys)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ParamSet:
+        """All parameters of ``module`` that require a gradient, in registration order."""
+        pairs = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return cls(params=tuple(p for _, p in pairs), names=tuple(n for n, _ in pairs))
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, module: nn.Module | None = None) -> ParamSet:
+        """The parameters that ``optimizer`` updates, named after ``module``.
+
+        Parameters are ordered as ``module`` registers them (input side first for most
+        models), not as the optimizer lists them, so that "shallow" and "deep" keep their
+        meaning. Parameters the module does not own are named
+        ``param_groups.<i>.<j>`` and come last.
+        """
+        in_opt: dict[int, tuple[Tensor, str]] = {}
+        for i, group in enumerate(optimizer.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    in_opt.setdefault(id(p), (p, f"param_groups.{i}.{j}"))
+        pairs: list[tuple[str, Tensor]] = []
+        if module is not None:
+            for n, p in module.named_parameters():
+                if id(p) in in_opt:
+                    pairs.append((n, p))
+                    del in_opt[id(p)]
+        pairs.extend((fallback, p) for p, fallback in in_opt.values())
+        return cls(params=tuple(p for _, p in pairs), names=tuple(n for n, _ in pairs))
+
+
+# --------------------------------------------------------------------------------------
+# Groupings
+# --------------------------------------------------------------------------------------
+
+
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else _ROOT_GROUP
+
+
+def _group_name(
+    name: str, group_by: str, depth: int | None, patterns: Sequence[tuple[str, re.Pattern[str]]]
+) -> str:
+    if group_by == "parameter":
+        return name
+    if group_by == "module":
+        return _owner(name)
+    if group_by == "depth":
+        owner = _owner(name)
+        if owner == _ROOT_GROUP:
+            return owner
+        return ".".join(owner.split(".")[:depth])
+    if group_by == "pattern":
+        for label, regex in patterns:
+            if regex.search(name):
+                return label
+        return _UNMATCHED_GROUP
+    return "all"  # group_by == "total"
+
+
+def validate_grouping_args(
+    group_by: str, group_depth: int | None, group_patterns: Mapping[str, str] | None
+) -> list[tuple[str, re.Pattern[str]]]:
+    """Check the grouping arguments; return the compiled patterns.
+
+    Raises:
+        ValueError: naming the argument, the value and what is allowed.
+    """
+    if group_by not in GROUP_BY_CHOICES:
+        raise ValueError(f"`group_by` must be one of {GROUP_BY_CHOICES}, got {group_by!r}.")
+    if group_by == "depth":
+        if not isinstance(group_depth, int) or isinstance(group_depth, bool) or group_depth < 1:
+            raise ValueError(
+                f"`group_depth` must be an integer >= 1 when `group_by='depth'`, got {group_depth!r}."
+            )
+    elif group_depth is not None:
+        raise ValueError(f"`group_depth` is only used with `group_by='depth'`, got group_by={group_by!r}.")
+    compiled: list[tuple[str, re.Pattern[str]]] = []
+    if group_by == "pattern":
+        if not group_patterns:
+            raise ValueError(
+                "`group_patterns` must be a non-empty mapping of group name to regular expression "
+                f"when `group_by='pattern'`, got {group_patterns!r}."
+            )
+        for label, pattern in group_patterns.items():
+            if not isinstance(label, str) or not label or label in _RESERVED_GROUP_NAMES:
+                raise ValueError(
+                    f"`group_patterns` keys must be non-empty strings other than {sorted(_RESERVED_GROUP_NAMES)}, "
+                    f"got {label!r}."
+                )
+            try:
+                compiled.append((label, re.compile(pattern)))
+            except (re.error, TypeError) as err:
+                raise ValueError(
+                    f"`group_patterns[{label!r}]` must be a valid regular expression, got {pattern!r}: {err}"
+                ) from None
+    elif group_patterns is not None:
+        raise ValueError(
+            f"`group_patterns` is only used with `group_by='pattern'`, got group_by={group_by!r}."
+        )
+    return compiled
+
+
+@dataclass(frozen=True, eq=False)
+class Grouping:
+    """A partition of a :class:`ParamSet` into named groups ("layers").
+
+    Attributes:
+        names: group names, in order of their first parameter (input side first).
+        index: for each parameter of the set, the position of its group in ``names``.
+        members: for each group, the qualified names of its parameters.
+    """
+
+    names: tuple[str, ...]
+    index: tuple[int, ...]
+    members: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def build(
+        cls,
+        params: ParamSet,
+        *,
+        group_by: str = "module",
+        group_depth: int | None = None,
+        group_patterns: Mapping[str, str] | None = None,
+    ) -> Grouping:
+        """Partition ``params``.
+
+        Args:
+            params: the parameter set to partition.
+            group_by: ``"module"`` (the module owning each parameter: ``encoder.0.weight`` and
+                ``encoder.0.bias`` form ``encoder.0``), ``"parameter"`` (one group per tensor),
+                ``"depth"`` (module names cut to their first ``group_depth`` components:
+                with depth 2, ``encoder.layers.3.linear1`` falls in ``encoder.layers``),
+                ``"pattern"`` (first regex of ``group_patterns`` that matches the parameter
+                name with ``re.search``; parameters matching none go to ``"other"``), or
+                ``"total"`` (a single group).
+            group_depth: the depth for ``group_by="depth"``.
+            group_patterns: group name -> regular expression, for ``group_by="pattern"``.
+
+        Raises:
+            ValueError: on an unknown ``group_by`` or arguments that do not fit it.
+        """
+        patterns = validate_grouping_args(group_by, group_depth, group_patterns)
+        names: list[str] = []
+        position: dict[str, int] = {}
+        index: list[int] = []
+        members: list[list[str]] = []
+        for pname in params.names:
+            gname = _group_name(pname, group_by, group_depth, patterns)
+            if gname in _RESERVED_GROUP_NAMES:
+                gname = f"{gname}_"
+            if gname not in position:
+                position[gname] = len(names)
+                names.append(gname)
+                members.append([])
+            index.append(position[gname])
+            members[position[gname]].append(pname)
+        return cls(names=tuple(names), index=tuple(index), members=tuple(tuple(m) for m in members))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# --------------------------------------------------------------------------------------
+# Per-tensor statistics
+# --------------------------------------------------------------------------------------
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+def _foreach_norms(tensors: list[Tensor], ord: float) -> Tensor:
+    """Per-tensor norms of same-device, same-dtype tensors, as one float32 vector."""
+    dtype = torch.float32 if tensors[0].dtype in _LOW_PRECISION else None
+    device = tensors[0].device
+    try:
+        norms = torch._foreach_norm(tensors, ord, dtype=dtype)
+    except (RuntimeError, NotImplementedError):  # no foreach kernel for this device/layout
+        norms = [torch.linalg.vector_norm(t, ord, dtype=dtype) for t in tensors]
+    return torch.stack(norms).to(device=device, dtype=torch.float32)
+
+
+def tensor_stats(
+    tensors: Sequence[Tensor | None],
+    reduce_keys: Sequence[tuple[Any, ...]] | None = None,
+    *,
+    device: torch.device | None = None,
+    inv_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Squared L2 norm and max |x| of each tensor, on one device, without a host sync.
+
+    ``None`` entries count as zero. Tensors are bucketed by device and dtype and each
+    bucket takes one ``torch._foreach_norm`` for L2 and one for the max. With
+    ``inv_scale``, norms are multiplied by it before squaring (so a large loss scale
+    cannot overflow the squares). Sharded DTensors
+    contribute their local shard, and the shard values are summed (squares) or maxed across
+    the ranks of their ``reduce_keys`` groups with one collective per group; every rank
+    must call this with the same parameter list.
+
+    Returns:
+        ``(sq_norms, max_abs)``: float32 vectors of ``len(tensors)``. A NaN anywhere in a
+        tensor makes both of its entries NaN; an Inf makes them Inf.
+    """
+    n = len(tensors)
+    if reduce_keys is None:
+        reduce_keys = [() for _ in range(n)]
+    buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        local = local_tensor(t)
+        key = (local.device, local.dtype, reduce_keys[i])
+        bucket = buckets.get(key)
+        if bucket is None:
+            buckets[key] = bucket = ([], [])
+        bucket[0].append(local)
+        bucket[1].append(i)
+    if device is None:
+        device = next(iter(buckets))[0] if buckets else torch.device("cpu")
+    sq = torch.zeros(n, dtype=torch.float32, device=device)
+    mx = torch.zeros(n, dtype=torch.float32, device=device)
+    partial: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+    for (_dev, _dt, rkey), (ts, idx) in buckets.items():
+        norms = _foreach_norms(ts, 2.0).to(device)
+        maxes = _foreach_norms(ts, math.inf).to(device)
+        if inv_scale is not None:
+            norms = norms * inv_scale
+            maxes = maxes * inv_scale
+        index = torch.tensor(idx, device=device)
+        if rkey:
+            # Sharded tensors: gather this reduction key's contributions in their own
+            # vectors; summed across ranks below.
+            psq, pmx = partial.get(rkey) or (torch.zeros_like(sq), torch.zeros_like(mx))
+            partial[rkey] = (psq.index_copy(0, index, norms * norms), pmx.index_copy(0, index, maxes))
+        else:
+            sq.index_copy_(0, index, norms * norms)
+            mx.index_copy_(0, index, maxes)
+    # Every rank must issue the same collectives in the same order, including ranks that
+    # hold no local gradient for some key: take the keys from the parameter list.
+    seen: list[tuple[Any, ...]] = []
+    for rkey in reduce_keys:
+        if rkey and rkey not in seen:
+            seen.append(rkey)
+    for rkey in seen:
+        psq, pmx = partial.get(rkey) or (torch.zeros_like(sq), torch.zeros_like(mx))
+        for group in rkey:
+            dist.all_reduce(psq, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(pmx, op=dist.ReduceOp.MAX, group=group)
+        sq = sq + psq
+        mx = torch.maximum(mx, pmx)
+    return sq, mx
+
+
+# --------------------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostStats:
+    """Grouped gradient statistics on the host (one device-to-host copy).
+
+    Attributes:
+        total_norm: L2 norm of all gradients together (unscaled).
+        group_norms: group name -> L2 norm, in group order.
+        max_abs: largest |g| over all gradients.
+        nonfinite_groups: groups holding a NaN or Inf, in group order.
+        all_finite: no NaN or Inf anywhere.
+        extras: the values of the ``extra`` tensors passed to :meth:`GroupedStats.to_host`.
+    """
+
+    total_norm: float
+    group_norms: dict[str, float]
+    max_abs: float
+    nonfinite_groups: tuple[str, ...]
+    extras: tuple[list[float], ...] = ()
+
+    @property
+    def all_finite(self) -> bool:
+        return not self.nonfinite_groups
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedStats:
+    """Per-group gradient statistics, still on the device.
+
+    Attributes:
+        grouping: the partition the values refer to.
+        sq_norms: squared L2 norm per group, shape ``(G,)``.
+        max_abs: max |g| per group, shape ``(G,)``.
+        present: per group, whether any of its parameters had a gradient (host info).
+    """
+
+    grouping: Grouping
+    sq_norms: Tensor
+    max_abs: Tensor
+    present: tuple[bool, ...]
+
+    @property
+    def norms(self) -> Tensor:
+        """L2 norm per group, shape ``(G,)``."""
+        return self.sq_norms.sqrt()
+
+    @property
+    def total_norm(self) -> Tensor:
+        """L2 norm of all gradients, a 0-dim device tensor."""
+        return self.sq_norms.sum().sqrt()
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """Per group, whether it holds a NaN or an Inf (device bool tensor)."""
+        return ~torch.isfinite(self.max_abs)
+
+    @property
+    def all_finite(self) -> Tensor:
+        """0-dim device bool: no NaN or Inf in any gradient. Reading it syncs."""
+        return torch.isfinite(self.max_abs).all()
+
+    def to_host(self, extra: Sequence[Tensor] = ()) -> HostStats:
+        """Copy the statistics (and optional extra tensors) to the host in one transfer.
+
+        Args:
+            extra: more device tensors to bring along in the same copy; their values come
+                back flattened in ``HostStats.extras``, in order.
+        """
+        g = len(self.grouping)
+        parts = [self.norms, self.max_abs, *(e.reshape(-1).to(self.sq_norms) for e in extra)]
+        values = torch.cat(parts).tolist()
+        norms, maxes = values[:g], values[g : 2 * g]
+        rest = values[2 * g :]
+        extras: list[list[float]] = []
+        for e in extra:
+            extras.append(rest[: e.numel()])
+            rest = rest[e.numel() :]
+        total = math.sqrt(math.fsum(v * v for v in norms)) if all(map(math.isfinite, norms)) else _nonfinite_sum(norms)
+        names = self.grouping.names
+        stats = HostStats(
+            total_norm=total,
+            group_norms=dict(zip(names, norms)),
+            max_abs=max(maxes, default=0.0) if not any(map(math.isnan, maxes)) else math.nan,
+            nonfinite_groups=tuple(n for n, m in zip(names, maxes) if not math.isfinite(m)),
+            extras=tuple(extras),
+        )
+        return stats
+
+
+def _nonfinite_sum(norms: Sequence[float]) -> float:
+    return math.nan if any(map(math.isnan, norms)) else math.inf
+
+
+@dataclass(frozen=True, eq=False)
+class GradSnapshot:
+    """Per-tensor gradient statistics of one :class:`ParamSet` at one moment.
+
+    All values are unscaled (a pending loss scale was divided out) and stay on the device.
+
+    Attributes:
+        params: the parameter set.
+        sq_norms: squared L2 norm of each parameter's gradient, shape ``(N,)``; 0 if no grad.
+        max_abs: max |g| of each parameter's gradient, shape ``(N,)``; 0 if no grad.
+        has_grad: per parameter, whether ``.grad`` was set (host info, no sync).
+        scale: the loss scale that was divided out, or ``None``.
+    """
+
+    params: ParamSet
+    sq_norms: Tensor
+    max_abs: Tensor
+    has_grad: tuple[bool, ...]
+    scale: Tensor | None = None
+    _cache: dict[int, GroupedStats] = field(default_factory=dict, repr=False)
+
+    def grouped(self, grouping: Grouping) -> GroupedStats:
+        """Aggregate per group with one ``index_add`` (and one ``scatter_reduce`` for max)."""
+        if len(grouping.index) != len(self.params):
+            raise ValueError(
+                f"`grouping` covers {len(grouping.index)} parameters but the snapshot has {len(self.params)}."
+            )
+        cached = self._cache.get(id(grouping))
+        if cached is not None and cached.grouping is grouping:
+            return cached
+        g = len(grouping)
+        device = self.sq_norms.device
+        index = torch.tensor(grouping.index, device=device)
+        sq = torch.zeros(g, dtype=torch.float32, device=device).index_add_(0, index, self.sq_norms)
+        mx = torch.zeros(g, dtype=torch.float32, device=device).scatter_reduce_(
+            0, index, self.max_abs, reduce="amax", include_self=True
+        )
+        present = [False] * g
+        for gi, has in zip(grouping.index, self.has_grad):
+            present[gi] = present[gi] or has
+        result = GroupedStats(grouping=grouping, sq_norms=sq, max_abs=mx, present=tuple(present))
+        self._cache[id(grouping)] = result
+        return result
+
+    @property
+    def total_norm(self) -> Tensor:
+        """L2 norm of all gradients, a 0-dim device tensor."""
+        return self.sq_norms.sum().sqrt()
+
+    @property
+    def all_finite(self) -> Tensor:
+        """0-dim device bool: no NaN or Inf in any gradient."""
+        return torch.isfinite(self.max_abs).all()
+
+
+def take_snapshot(params: ParamSet, *, scale: Tensor | float | None = None) -> GradSnapshot:
+    """Per-tensor statistics of the current gradients of ``params``.
+
+    Args:
+        params: the parameters whose ``.grad`` to read.
+        scale: a loss scale still applied to the gradients (fp16 ``GradScaler`` before
+            ``unscale_``); the returned values are divided by it. ``None`` for unscaled
+            gradients.
+
+    Returns:
+        A :class:`GradSnapshot`; no host synchronisation happened.
+    """
+    grads = [p.grad for p in params.params]
+    has_grad = tuple(g is not None for g in grads)
+    device = next((g.device for g in grads if g is not None), None)
+    scale_t: Tensor | None = None
+    inv: Tensor | None = None
+    if scale is not None:
+        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        inv = scale_t.reciprocal()
+    sq, mx = tensor_stats(grads, params.reduce_keys, device=device, inv_scale=inv)
+    return GradSnapshot(params=params, sq_norms=sq, max_abs=mx, has_grad=has_grad, scale=scale_t)
+
+
+def iter_group_tensors(
+    params: ParamSet, grouping: Grouping, tensors: Iterable[Tensor | None]
+) -> list[list[Tensor]]:
+    """Split per-parameter tensors into per-group lists (``None`` dropped)."""
+    out: list[list[Tensor]] = [[] for _ in range(len(grouping))]
+    for gi, t in zip(grouping.index, tensors):
+        if t is not None:
+            out[gi].append(t)
+    return out
