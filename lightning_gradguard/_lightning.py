@@ -111,9 +111,7 @@ def _param_count(optimizer: torch.optim.Optimizer | None, module: torch.nn.Modul
     return sum(len(g["params"]) for g in optimizer.param_groups)
 
 
-def param_set(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None
-) -> ParamSet:
+def param_set(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> ParamSet:
     """The cached :class:`ParamSet` of ``optimizer`` (or of the whole module when ``None``)."""
     state = session(trainer)
     key = id(optimizer) if optimizer is not None else None

@@ -55,9 +55,10 @@ __all__ = [
     "GroupedStats",
     "Grouping",
     "HostStats",
+    "ParamSet",
     "iter_group_tensors",
     "local_tensor",
-    "ParamSet",
+    "reduce_norms",
     "take_snapshot",
     "tensor_stats",
 ]
@@ -110,6 +111,7 @@ class ParamSet:
     params: tuple[Tensor, ...]
     names: tuple[str, ...]
     reduce_keys: tuple[tuple[Any, ...], ...] = field(default=())
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.params) != len(self.names):
@@ -167,9 +169,7 @@ def _owner(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else _ROOT_GROUP
 
 
-def _group_name(
-    name: str, group_by: str, depth: int | None, patterns: Sequence[tuple[str, re.Pattern[str]]]
-) -> str:
+def _group_name(name: str, group_by: str, depth: int | None, patterns: Sequence[tuple[str, re.Pattern[str]]]) -> str:
     if group_by == "parameter":
         return name
     if group_by == "module":
@@ -199,9 +199,7 @@ def validate_grouping_args(
         raise ValueError(f"`group_by` must be one of {GROUP_BY_CHOICES}, got {group_by!r}.")
     if group_by == "depth":
         if not isinstance(group_depth, int) or isinstance(group_depth, bool) or group_depth < 1:
-            raise ValueError(
-                f"`group_depth` must be an integer >= 1 when `group_by='depth'`, got {group_depth!r}."
-            )
+            raise ValueError(f"`group_depth` must be an integer >= 1 when `group_by='depth'`, got {group_depth!r}.")
     elif group_depth is not None:
         raise ValueError(f"`group_depth` is only used with `group_by='depth'`, got group_by={group_by!r}.")
     compiled: list[tuple[str, re.Pattern[str]]] = []
@@ -224,9 +222,7 @@ def validate_grouping_args(
                     f"`group_patterns[{label!r}]` must be a valid regular expression, got {pattern!r}: {err}"
                 ) from None
     elif group_patterns is not None:
-        raise ValueError(
-            f"`group_patterns` is only used with `group_by='pattern'`, got group_by={group_by!r}."
-        )
+        raise ValueError(f"`group_patterns` is only used with `group_by='pattern'`, got group_by={group_by!r}.")
     return compiled
 
 
@@ -243,6 +239,7 @@ class Grouping:
     names: tuple[str, ...]
     index: tuple[int, ...]
     members: tuple[tuple[str, ...], ...]
+    _index_cache: dict[torch.device, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -290,6 +287,14 @@ class Grouping:
     def __len__(self) -> int:
         return len(self.names)
 
+    def index_tensor(self, device: torch.device) -> Tensor:
+        """``index`` as a long tensor on ``device`` (built once per device)."""
+        cache = self._index_cache
+        t = cache.get(device)
+        if t is None:
+            t = cache[device] = torch.tensor(self.index, dtype=torch.long, device=device)
+        return t
+
 
 # --------------------------------------------------------------------------------------
 # Per-tensor statistics
@@ -316,27 +321,57 @@ def _foreach_norms(tensors: list[Tensor], ord: float) -> Tensor:
     return torch.stack(norms).to(device=device, dtype=torch.float32)
 
 
+def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
+    """Keep norms that float32 squares pushed out of range meaningful.
+
+    ``torch._foreach_norm`` sums squares in float32: a tensor whose elements are all
+    below ~1e-22 reads 0, one whose norm exceeds ~1.8e19 reads Inf, although max |x|
+    (which squares nothing) is exact. In those cases the norm is replaced by the closest
+    bound that needs no second pass: ``max|x|`` when it underflowed (a lower bound) and
+    ``max|x| * sqrt(numel)`` when it overflowed (an upper bound). Zero stays zero and
+    NaN/Inf elements keep their NaN/Inf.
+    """
+    underflow = (norms == 0) & (maxes > 0)
+    overflow = torch.isinf(norms) & torch.isfinite(maxes)
+    norms = torch.where(underflow, maxes, norms)
+    return torch.where(overflow, maxes * numel.sqrt(), norms)
+
+
 def tensor_stats(
     tensors: Sequence[Tensor | None],
     reduce_keys: Sequence[tuple[Any, ...]] | None = None,
     *,
     device: torch.device | None = None,
     inv_scale: Tensor | None = None,
+    cache: dict[Any, Any] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Squared L2 norm and max |x| of each tensor, on one device, without a host sync.
+    """L2 norm and max |x| of each tensor, on one device, without a host sync.
 
     ``None`` entries count as zero. Tensors are bucketed by device and dtype and each
     bucket takes one ``torch._foreach_norm`` for L2 and one for the max. With
-    ``inv_scale``, norms are multiplied by it before squaring (so a large loss scale
-    cannot overflow the squares). Sharded DTensors
-    contribute their local shard, and the shard values are summed (squares) or maxed across
-    the ranks of their ``reduce_keys`` groups with one collective per group; every rank
-    must call this with the same parameter list.
+    ``inv_scale``, both are multiplied by it (a pending loss scale divided out).
+    Sharded DTensors contribute their local shard; the shards are combined across the
+    ranks of their ``reduce_keys`` groups (max of the maxima; the norms as
+    ``m * sqrt(sum((n_r / m)**2))`` with ``m`` the largest shard norm, which neither
+    overflows nor underflows), with two collectives per group. Every rank must call
+    this with the same parameter list.
+
+    Args:
+        tensors: the tensors (``None`` for a missing gradient).
+        reduce_keys: per tensor, the process groups to combine shards over (see
+            :class:`ParamSet`); ``None`` for none.
+        device: where the results live (default: the first tensor's device).
+        inv_scale: a factor applied to the results (``1 / loss_scale``).
+        cache: a dict kept between calls for the same tensor list (``ParamSet`` holds
+            one), so the small index tensors are built once rather than copied to the
+            device every step (a host-to-device copy from pageable memory can stall).
 
     Returns:
-        ``(sq_norms, max_abs)``: float32 vectors of ``len(tensors)``. A NaN anywhere in a
+        ``(norms, max_abs)``: float32 vectors of ``len(tensors)``. A NaN anywhere in a
         tensor makes both of its entries NaN; an Inf makes them Inf.
     """
+    if cache is None:
+        cache = {}
     n = len(tensors)
     if reduce_keys is None:
         reduce_keys = [() for _ in range(n)]
@@ -353,24 +388,21 @@ def tensor_stats(
         bucket[1].append(i)
     if device is None:
         device = next(iter(buckets))[0] if buckets else torch.device("cpu")
-    sq = torch.zeros(n, dtype=torch.float32, device=device)
-    mx = torch.zeros(n, dtype=torch.float32, device=device)
-    partial: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
-    for (_dev, _dt, rkey), (ts, idx) in buckets.items():
-        norms = _foreach_norms(ts, 2.0).to(device)
-        maxes = _foreach_norms(ts, math.inf).to(device)
-        if inv_scale is not None:
-            norms = norms * inv_scale
-            maxes = maxes * inv_scale
-        index = torch.tensor(idx, device=device)
-        if rkey:
-            # Sharded tensors: gather this reduction key's contributions in their own
-            # vectors; summed across ranks below.
-            psq, pmx = partial.get(rkey) or (torch.zeros_like(sq), torch.zeros_like(mx))
-            partial[rkey] = (psq.index_copy(0, index, norms * norms), pmx.index_copy(0, index, maxes))
-        else:
-            sq.index_copy_(0, index, norms * norms)
-            mx.index_copy_(0, index, maxes)
+    norms = torch.zeros(n, dtype=torch.float32, device=device)
+    maxes = torch.zeros(n, dtype=torch.float32, device=device)
+    numel = torch.ones(n, dtype=torch.float32, device=device)
+    for key, (ts, idx) in buckets.items():
+        ckey = (key, device, tuple(idx))
+        cached = cache.get(ckey)
+        if cached is None:
+            index = torch.tensor(idx, device=device)
+            sizes = torch.tensor([float(t.numel()) for t in ts], device=device)
+            cache[ckey] = cached = (index, sizes)
+        index, sizes = cached
+        norms.index_copy_(0, index, _foreach_norms(ts, 2.0).to(device))
+        maxes.index_copy_(0, index, _foreach_norms(ts, math.inf).to(device))
+        numel.index_copy_(0, index, sizes)
+    norms = _repair_range(norms, maxes, numel)
     # Every rank must issue the same collectives in the same order, including ranks that
     # hold no local gradient for some key: take the keys from the parameter list.
     seen: list[tuple[Any, ...]] = []
@@ -378,13 +410,55 @@ def tensor_stats(
         if rkey and rkey not in seen:
             seen.append(rkey)
     for rkey in seen:
-        psq, pmx = partial.get(rkey) or (torch.zeros_like(sq), torch.zeros_like(mx))
+        mask = cache.get(("mask", rkey, device))
+        if mask is None:
+            mask = cache[("mask", rkey, device)] = torch.tensor([k == rkey for k in reduce_keys], device=device)
         for group in rkey:
-            dist.all_reduce(psq, op=dist.ReduceOp.SUM, group=group)
-            dist.all_reduce(pmx, op=dist.ReduceOp.MAX, group=group)
-        sq = sq + psq
-        mx = torch.maximum(mx, pmx)
-    return sq, mx
+            local_norms = torch.where(mask, norms, torch.zeros_like(norms))
+            local_maxes = torch.where(mask, maxes, torch.zeros_like(maxes))
+            peak = torch.cat([local_norms, local_maxes])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            top, gmax = peak[:n], peak[n:]
+            safe = torch.where(top > 0, top, torch.ones_like(top))
+            # NaN/Inf are counted, not trusted to a MAX reduction (whose NaN handling is
+            # backend-defined), so that every rank learns of a non-finite shard.
+            summed = torch.cat(
+                [(local_norms / safe) ** 2, torch.isnan(local_maxes).float(), torch.isinf(local_maxes).float()]
+            )
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+            ratio_sq, nan_count, inf_count = summed[:n], summed[n : 2 * n], summed[2 * n :]
+            combined = torch.where(torch.isinf(top), top, top * ratio_sq.sqrt())
+            nan = torch.full_like(top, math.nan)
+            inf = torch.full_like(top, math.inf)
+            combined = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, combined))
+            gmax = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, gmax))
+            norms = torch.where(mask, combined, norms)
+            maxes = torch.where(mask, gmax, maxes)
+    if inv_scale is not None:
+        norms = norms * inv_scale
+        maxes = maxes * inv_scale
+    return norms, maxes
+
+
+def reduce_norms(norms: Tensor, index: Tensor, size: int) -> Tensor:
+    """Combine L2 norms into ``size`` group norms: ``sqrt(sum of squares)`` per group.
+
+    Computed as ``m * sqrt(sum((n / m)**2))`` with ``m`` the group's largest norm, so
+    that neither tiny (vanishing) nor huge (exploding) norms under- or overflow in
+    float32. NaN propagates; an Inf norm makes its group Inf.
+
+    Args:
+        norms: per-item norms, shape ``(N,)``.
+        index: group of each item, shape ``(N,)``, values in ``[0, size)``.
+        size: number of groups.
+    """
+    top = torch.zeros(size, dtype=norms.dtype, device=norms.device).scatter_reduce_(
+        0, index, norms, reduce="amax", include_self=True
+    )
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    ratio_sq = (norms / safe[index]) ** 2
+    sums = torch.zeros(size, dtype=norms.dtype, device=norms.device).index_add_(0, index, ratio_sq)
+    return torch.where(torch.isinf(top), top, top * sums.sqrt())
 
 
 # --------------------------------------------------------------------------------------
@@ -422,25 +496,20 @@ class GroupedStats:
 
     Attributes:
         grouping: the partition the values refer to.
-        sq_norms: squared L2 norm per group, shape ``(G,)``.
+        norms: L2 norm per group, shape ``(G,)``.
         max_abs: max |g| per group, shape ``(G,)``.
         present: per group, whether any of its parameters had a gradient (host info).
     """
 
     grouping: Grouping
-    sq_norms: Tensor
+    norms: Tensor
     max_abs: Tensor
     present: tuple[bool, ...]
 
     @property
-    def norms(self) -> Tensor:
-        """L2 norm per group, shape ``(G,)``."""
-        return self.sq_norms.sqrt()
-
-    @property
     def total_norm(self) -> Tensor:
         """L2 norm of all gradients, a 0-dim device tensor."""
-        return self.sq_norms.sum().sqrt()
+        return reduce_norms(self.norms, torch.zeros_like(self.norms, dtype=torch.long), 1)[0]
 
     @property
     def nonfinite(self) -> Tensor:
@@ -460,7 +529,7 @@ class GroupedStats:
                 back flattened in ``HostStats.extras``, in order.
         """
         g = len(self.grouping)
-        parts = [self.norms, self.max_abs, *(e.reshape(-1).to(self.sq_norms) for e in extra)]
+        parts = [self.norms, self.max_abs, *(e.reshape(-1).to(self.norms) for e in extra)]
         values = torch.cat(parts).tolist()
         norms, maxes = values[:g], values[g : 2 * g]
         rest = values[2 * g :]
@@ -468,7 +537,7 @@ class GroupedStats:
         for e in extra:
             extras.append(rest[: e.numel()])
             rest = rest[e.numel() :]
-        total = math.sqrt(math.fsum(v * v for v in norms)) if all(map(math.isfinite, norms)) else _nonfinite_sum(norms)
+        total = _host_total(norms)
         names = self.grouping.names
         stats = HostStats(
             total_norm=total,
@@ -480,8 +549,13 @@ class GroupedStats:
         return stats
 
 
-def _nonfinite_sum(norms: Sequence[float]) -> float:
-    return math.nan if any(map(math.isnan, norms)) else math.inf
+def _host_total(norms: Sequence[float]) -> float:
+    """``sqrt(sum(n**2))`` in double precision, NaN- and Inf-aware."""
+    if any(map(math.isnan, norms)):
+        return math.nan
+    if any(map(math.isinf, norms)):
+        return math.inf
+    return math.hypot(*norms) if norms else 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -492,14 +566,14 @@ class GradSnapshot:
 
     Attributes:
         params: the parameter set.
-        sq_norms: squared L2 norm of each parameter's gradient, shape ``(N,)``; 0 if no grad.
+        norms: L2 norm of each parameter's gradient, shape ``(N,)``; 0 if no grad.
         max_abs: max |g| of each parameter's gradient, shape ``(N,)``; 0 if no grad.
         has_grad: per parameter, whether ``.grad`` was set (host info, no sync).
         scale: the loss scale that was divided out, or ``None``.
     """
 
     params: ParamSet
-    sq_norms: Tensor
+    norms: Tensor
     max_abs: Tensor
     has_grad: tuple[bool, ...]
     scale: Tensor | None = None
@@ -515,23 +589,22 @@ class GradSnapshot:
         if cached is not None and cached.grouping is grouping:
             return cached
         g = len(grouping)
-        device = self.sq_norms.device
-        index = torch.tensor(grouping.index, device=device)
-        sq = torch.zeros(g, dtype=torch.float32, device=device).index_add_(0, index, self.sq_norms)
-        mx = torch.zeros(g, dtype=torch.float32, device=device).scatter_reduce_(
+        index = grouping.index_tensor(self.norms.device)
+        norms = reduce_norms(self.norms, index, g)
+        mx = torch.zeros(g, dtype=torch.float32, device=self.norms.device).scatter_reduce_(
             0, index, self.max_abs, reduce="amax", include_self=True
         )
         present = [False] * g
         for gi, has in zip(grouping.index, self.has_grad):
             present[gi] = present[gi] or has
-        result = GroupedStats(grouping=grouping, sq_norms=sq, max_abs=mx, present=tuple(present))
+        result = GroupedStats(grouping=grouping, norms=norms, max_abs=mx, present=tuple(present))
         self._cache[id(grouping)] = result
         return result
 
     @property
     def total_norm(self) -> Tensor:
         """L2 norm of all gradients, a 0-dim device tensor."""
-        return self.sq_norms.sum().sqrt()
+        return reduce_norms(self.norms, torch.zeros_like(self.norms, dtype=torch.long), 1)[0]
 
     @property
     def all_finite(self) -> Tensor:
@@ -559,13 +632,11 @@ def take_snapshot(params: ParamSet, *, scale: Tensor | float | None = None) -> G
     if scale is not None:
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
         inv = scale_t.reciprocal()
-    sq, mx = tensor_stats(grads, params.reduce_keys, device=device, inv_scale=inv)
-    return GradSnapshot(params=params, sq_norms=sq, max_abs=mx, has_grad=has_grad, scale=scale_t)
+    norms, mx = tensor_stats(grads, params.reduce_keys, device=device, inv_scale=inv, cache=params.cache)
+    return GradSnapshot(params=params, norms=norms, max_abs=mx, has_grad=has_grad, scale=scale_t)
 
 
-def iter_group_tensors(
-    params: ParamSet, grouping: Grouping, tensors: Iterable[Tensor | None]
-) -> list[list[Tensor]]:
+def iter_group_tensors(params: ParamSet, grouping: Grouping, tensors: Iterable[Tensor | None]) -> list[list[Tensor]]:
     """Split per-parameter tensors into per-group lists (``None`` dropped)."""
     out: list[list[Tensor]] = [[] for _ in range(len(grouping))]
     for gi, t in zip(grouping.index, tensors):

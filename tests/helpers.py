@@ -166,3 +166,13 @@ def assert_close_rel(got: float, want: float, rel: float, what: str = "") -> Non
     denom = max(abs(want), 1e-30)
     err = abs(got - want) / denom
     assert err <= rel, f"{what}: got {got!r}, want {want!r} (rel. error {err:.2e} > {rel:.0e})"
+
+
+class CLIModel(RecordingMLP):
+    """RecordingMLP with its own dataloader, for LightningCLI tests."""
+
+    def __init__(self, hidden: int = 16, depth: int = 3, lr: float = 0.05):
+        super().__init__(hidden=hidden, depth=depth, lr=lr)
+
+    def train_dataloader(self):
+        return loader()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import os
 
 import lightning.pytorch as pl
@@ -46,7 +45,11 @@ def test_fp32_norms_match_vector_norm(tmp_path):
     assert checked == 10 * 5  # 10 steps x (total + 4 Linear layers)
     # names follow module registration order; Tanh has no parameters
     assert {t for t in scalars if t.startswith("grad_norm/")} == {
-        "grad_norm/total", "grad_norm/net.0", "grad_norm/net.2", "grad_norm/net.4", "grad_norm/net.6"
+        "grad_norm/total",
+        "grad_norm/net.0",
+        "grad_norm/net.2",
+        "grad_norm/net.4",
+        "grad_norm/net.6",
     }
 
 

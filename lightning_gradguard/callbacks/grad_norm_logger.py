@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from lightning_gradguard.stats import (
     ParamSet,
     iter_group_tensors,
     local_tensor,
+    reduce_norms,
     tensor_stats,
     validate_grouping_args,
 )
@@ -35,7 +37,7 @@ class _PendingUpdate:
     params: ParamSet
     grouping: Grouping
     before: list[Tensor | None]
-    param_sq: Tensor  # per-group squared norm of the weights before the step
+    param_norms: Tensor  # per-group norm of the weights before the step
 
 
 class GradientNormLogger(GradGuardCallback):
@@ -226,15 +228,13 @@ class GradientNormLogger(GradGuardCallback):
         if optimizer is not None and len(trainer.optimizers) > 1:
             opt_seg = f"opt{_lightning.optimizer_index(trainer, optimizer)}/"
         extra: list[Tensor] = []
-        param_sq: Tensor | None = None
+        param_norms: Tensor | None = None
         if self.log_param_norms or (self.log_update_ratio and optimizer is not None):
             weights = [p.detach() for p in params.params]
-            sq, _ = tensor_stats(weights, params.reduce_keys, device=stats.sq_norms.device)
-            param_sq = torch.zeros(len(grouping), device=sq.device).index_add_(
-                0, torch.tensor(grouping.index, device=sq.device), sq
-            )
+            pn, _ = tensor_stats(weights, params.reduce_keys, device=stats.norms.device, cache=params.cache)
+            param_norms = reduce_norms(pn, grouping.index_tensor(pn.device), len(grouping))
             if self.log_param_norms:
-                extra.append(param_sq.sqrt())
+                extra.append(param_norms)
         host = stats.to_host(extra)
 
         metrics: dict[str, float] = {f"{prefix}/{opt_seg}total": host.total_norm}
@@ -245,7 +245,7 @@ class GradientNormLogger(GradGuardCallback):
             metrics[f"grad_max_abs/{opt_seg}total"] = host.max_abs
         if self.log_param_norms:
             pnorms = host.extras[0]
-            metrics[f"param_norm/{opt_seg}total"] = sum(v * v for v in pnorms) ** 0.5
+            metrics[f"param_norm/{opt_seg}total"] = math.hypot(*pnorms)
             if self.per_layer and self.group_by != "total":
                 for name, value in zip(grouping.names, pnorms):
                     metrics[f"param_norm/{opt_seg}{name}"] = value
@@ -254,11 +254,9 @@ class GradientNormLogger(GradGuardCallback):
 
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
-        if self.log_update_ratio and optimizer is not None and param_sq is not None:
-            before = [
-                local_tensor(p).detach().clone() if p.grad is not None else None for p in params.params
-            ]
-            self._pending.append(_PendingUpdate(step, opt_seg, params, grouping, before, param_sq))
+        if self.log_update_ratio and optimizer is not None and param_norms is not None:
+            before = [local_tensor(p).detach().clone() if p.grad is not None else None for p in params.params]
+            self._pending.append(_PendingUpdate(step, opt_seg, params, grouping, before, param_norms))
 
     def _log_update(self, trainer: pl.Trainer, pending: _PendingUpdate) -> None:
         params = pending.params
@@ -269,13 +267,15 @@ class GradientNormLogger(GradGuardCallback):
             news = [local_tensor(params.params[i]).detach() for i in idx]
             for i, d in zip(idx, torch._foreach_sub(news, list(olds))):
                 diffs[i] = d
-        sq, _ = tensor_stats(diffs, params.reduce_keys, device=pending.param_sq.device)
+        un, _ = tensor_stats(diffs, params.reduce_keys, device=pending.param_norms.device, cache=params.cache)
         grouping = pending.grouping
-        upd_sq = torch.zeros(len(grouping), device=sq.device).index_add_(
-            0, torch.tensor(grouping.index, device=sq.device), sq
-        )
-        ratios = (upd_sq.sqrt() / pending.param_sq.sqrt().clamp_min(1e-12)).tolist()
-        total = (upd_sq.sum().sqrt() / pending.param_sq.sum().sqrt().clamp_min(1e-12)).item()
+        index = grouping.index_tensor(un.device)
+        upd = reduce_norms(un, index, len(grouping))
+        both = torch.stack([upd, pending.param_norms])
+        totals = reduce_norms(both.reshape(-1), torch.tensor([0, 1]).repeat_interleave(len(grouping)).to(un.device), 2)
+        values = torch.cat([upd / pending.param_norms.clamp_min(1e-30), totals[:1] / totals[1:].clamp_min(1e-30)])
+        values = values.tolist()
+        ratios, total = values[:-1], values[-1]
         metrics = {f"update_ratio/{pending.prefix}total": total}
         if self.per_layer and self.group_by != "total":
             for name, value in zip(grouping.names, ratios):
@@ -283,9 +283,7 @@ class GradientNormLogger(GradGuardCallback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=pending.step)
 
-    def _log_histograms(
-        self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int
-    ) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not writers or not trainer.is_global_zero:
             return
@@ -323,4 +321,3 @@ class GradientNormLogger(GradGuardCallback):
         if self.log_update_ratio:
             charts["update / weight ratio per layer"] = ["Multiline", [r"^update_ratio/"]]
         return {"gradguard": charts}
-
