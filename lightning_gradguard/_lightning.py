@@ -153,3 +153,17 @@ def shared_snapshot(
         snap = take_snapshot(params, scale=pending_scale(trainer, optimizer, phase))
         state.snapshots[key] = snap
     return snap
+
+
+def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Turn the coming ``optimizer.step()`` into a no-op by setting its gradients to ``None``.
+
+    Called from ``on_before_optimizer_step``, which Lightning runs inside the optimizer's
+    closure, just before the update. torch's optimizers skip parameters without a
+    gradient entirely: no weight change, no weight decay, no moment or step-count update,
+    so nothing of a bad gradient reaches the weights or the optimizer state. Under a
+    ``GradScaler`` the scaler's own bookkeeping (``step``/``update``) goes on unchanged.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
