@@ -380,6 +380,10 @@ def tensor_stats(
         if t is None:
             continue
         local = local_tensor(t)
+        if local.numel() == 0:
+            # e.g. an FSDP2 rank whose shard of a small parameter is empty: its share of
+            # the norm is 0 (and the max of nothing would raise)
+            continue
         key = (local.device, local.dtype, reduce_keys[i])
         bucket = buckets.get(key)
         if bucket is None:
