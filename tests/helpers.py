@@ -57,6 +57,8 @@ class RecordingMLP(pl.LightningModule):
         return self.optimizer_cls(self.parameters(), lr=self.lr)
 
     def _true_norms(self, divide_by: float = 1.0) -> dict[str, float]:
+        if all(p.grad is None for p in self.parameters()):
+            return {}  # a gradguard callback dropped this step's gradients
         groups: dict[str, list[torch.Tensor]] = defaultdict(list)
         for name, p in self.named_parameters():
             if p.grad is not None:
@@ -79,7 +81,9 @@ class RecordingMLP(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         still_scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
-        self.reference["step"][self.trainer.global_step] = self._true_norms(self._scale_if(still_scaled))
+        norms = self._true_norms(self._scale_if(still_scaled))
+        if norms:
+            self.reference["step"][self.trainer.global_step] = norms
 
 
 class SelfUnscalingSGD(torch.optim.Optimizer):
@@ -176,3 +180,22 @@ class CLIModel(RecordingMLP):
 
     def train_dataloader(self):
         return loader()
+
+
+def poisoned_loader(bad_batch: int, batch_size: int = 8, value: float = float("nan"), **kw) -> DataLoader:
+    """Like :func:`loader`, with ``value`` written into the first sample of batch ``bad_batch``."""
+    data = regression_data(**kw)
+    x, y = data.tensors
+    x = x.clone()
+    x[bad_batch * batch_size, 0] = value
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class WeightHistory(pl.Callback):
+    """Records a copy of every parameter after each training batch: ``history[global_step]``."""
+
+    def __init__(self):
+        self.history: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.history[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}

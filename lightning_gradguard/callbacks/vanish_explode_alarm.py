@@ -1,0 +1,429 @@
+"""VanishExplodeAlarm: catch vanishing, exploding and non-finite gradients early and act on them."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
+from lightning_gradguard.diagnosis import KINDS, Finding, GradientAnomalyError, HealthDetector, build_finding
+from lightning_gradguard.stats import Grouping, ParamSet, validate_grouping_args
+
+ACTIONS = ("warn", "skip", "stop", "raise")
+_STRENGTH = {"none": 0, "warn": 1, "skip": 2, "stop": 3, "raise": 4}
+_ALARM_KINDS = ("nonfinite", "exploding", "vanishing", "dead")
+
+
+def _check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        allowed = "a finite number > 0" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+class VanishExplodeAlarm(GradGuardCallback):
+    r"""Detect vanishing, exploding and non-finite gradients; warn, skip the step, stop or raise.
+
+    Every optimizer step the callback checks the shared gradient snapshot on the device
+    and reads one small vector to the host (the flags of the step, plus the z-score,
+    the deep/shallow ratio, the total norm and the loss scale); nothing else leaves the
+    device unless a flag is up. It never computes norms of its own.
+
+    What it detects (details and rules in :class:`~lightning_gradguard.diagnosis.HealthDetector`):
+
+    - **non-finite**: NaN/Inf in a gradient or in the loss. The step is always skipped
+      (gradients dropped before ``optimizer.step()``, so no NaN reaches the weights or the
+      optimizer state); with ``halt_on_nan=True`` training then stops. Under an fp16
+      ``GradScaler`` a lone overflow is normal (the scaler skips the step and lowers the
+      scale): it is counted as ``overflow``, and becomes non-finite only when it repeats
+      ``max_consecutive_overflows`` times in a row or the scale falls below ``min_loss_scale``.
+    - **exploding**: total norm above ``max_norm``, or a spike ``spike_zscore`` standard
+      deviations above the run's own moving log-norm (after ``warmup_steps``).
+    - **vanishing**: the deepest layer's gradient more than ``vanish_ratio`` times the
+      shallowest's (or the shallowest below ``vanish_floor`` while the deepest is not), for
+      ``patience`` steps in a row.
+    - **dead**: a layer whose gradient is exactly zero for ``patience`` steps in a row.
+
+    Each kind has an action: ``"warn"``, ``"skip"`` (warn and skip this optimizer step),
+    ``"stop"`` (skip, then stop training gracefully after the batch) or ``"raise"`` (skip,
+    then raise :class:`~lightning_gradguard.GradientAnomalyError` carrying the diagnosis).
+    Warnings come once per episode (a kind that stays quiet for ``episode_gap`` steps
+    ends its episode), on rank zero, and name the layers, the numbers and remedies that
+    fit the model. Every rank takes the same decision at the same step: the flags are
+    averaged across ranks before any decision. On ``stop``/``raise`` a crash dump (the
+    step, the batch, the per-layer statistics and the finding) is written next to the logs.
+    At the end of ``fit`` a short health summary is printed.
+
+    Logged keys (at ``log_every_n_steps``; with several optimizers ``opt<i>/`` follows
+    the prefix): ``alarm/nonfinite``, ``alarm/exploding``, ``alarm/vanishing``,
+    ``alarm/dead``, ``alarm/overflow`` (steps flagged so far), ``alarm/skipped_steps``,
+    ``alarm/zscore`` (log-norm z-score), ``alarm/deep_shallow_ratio``.
+
+    Args:
+        halt_on_nan: on non-finite gradients, skip the step and stop training (``True``)
+            or skip the step and carry on (``False``).
+        nonfinite_action: overrides ``halt_on_nan``: ``"skip"``, ``"stop"`` or ``"raise"``
+            (``"warn"`` is not allowed: a non-finite step is always skipped).
+        explode_action: action for exploding gradients (default ``"warn"``).
+        vanish_action: action for vanishing gradients (default ``"warn"``).
+        dead_action: action for dead layers (default ``"warn"``).
+        max_norm: absolute ceiling on the total gradient norm; ``None`` disables it.
+        spike_zscore: z-score of log(total norm) that counts as a spike; ``None`` disables it.
+        ema_alpha: weight of the newest step in the moving log-norm mean/variance, in (0, 1).
+        warmup_steps: finite steps before the spike rule is armed.
+        vanish_ratio: deepest/shallowest gradient-norm ratio that counts as vanishing;
+            ``None`` disables it.
+        vanish_floor: absolute floor for the shallowest layer; ``None`` disables it.
+        patience: consecutive steps a vanishing or dead condition must hold.
+        max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
+        min_loss_scale: fp16 loss scale below which overflow counts as a failure.
+        episode_gap: quiet steps that end an episode (and re-arm its warning).
+        group_by, group_depth, group_patterns: how parameters form layers, as in
+            :class:`~lightning_gradguard.GradientNormLogger`.
+        log_every_n_steps: logging interval; ``None``: the Trainer's.
+        crash_dump: write a crash dump on ``stop``/``raise``.
+        dump_dir: where to write it; ``None``: the Trainer's ``log_dir``.
+
+    Raises:
+        ValueError: if an argument is outside what is allowed; the message names it.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_gradguard import VanishExplodeAlarm
+
+        trainer = Trainer(callbacks=[VanishExplodeAlarm(explode_action="skip")])
+    """
+
+    def __init__(
+        self,
+        *,
+        halt_on_nan: bool = True,
+        nonfinite_action: str | None = None,
+        explode_action: str = "warn",
+        vanish_action: str = "warn",
+        dead_action: str = "warn",
+        max_norm: float | None = 1e4,
+        spike_zscore: float | None = 6.0,
+        ema_alpha: float = 0.05,
+        warmup_steps: int = 50,
+        vanish_ratio: float | None = 1e4,
+        vanish_floor: float | None = 1e-10,
+        patience: int = 20,
+        max_consecutive_overflows: int = 20,
+        min_loss_scale: float = 1.0,
+        episode_gap: int = 10,
+        group_by: str = "module",
+        group_depth: int | None = None,
+        group_patterns: Mapping[str, str] | None = None,
+        log_every_n_steps: int | None = None,
+        crash_dump: bool = True,
+        dump_dir: str | None = None,
+    ) -> None:
+        check_bool("halt_on_nan", halt_on_nan)
+        if nonfinite_action is not None:
+            check_choice("nonfinite_action", nonfinite_action, ("skip", "stop", "raise"))
+        check_choice("explode_action", explode_action, ACTIONS)
+        check_choice("vanish_action", vanish_action, ACTIONS)
+        check_choice("dead_action", dead_action, ACTIONS)
+        _check_positive("max_norm", max_norm, allow_none=True)
+        _check_positive("spike_zscore", spike_zscore, allow_none=True)
+        if isinstance(ema_alpha, bool) or not isinstance(ema_alpha, (int, float)) or not 0 < ema_alpha < 1:
+            raise ValueError(f"`ema_alpha` must be a number in (0, 1), got {ema_alpha!r}.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        _check_positive("vanish_ratio", vanish_ratio, allow_none=True)
+        if vanish_ratio is not None and vanish_ratio <= 1:
+            raise ValueError(f"`vanish_ratio` must be > 1 (deepest / shallowest norm), got {vanish_ratio!r}.")
+        _check_positive("vanish_floor", vanish_floor, allow_none=True)
+        check_positive_int("patience", patience)
+        check_positive_int("max_consecutive_overflows", max_consecutive_overflows)
+        _check_positive("min_loss_scale", min_loss_scale)
+        check_positive_int("episode_gap", episode_gap)
+        validate_grouping_args(group_by, group_depth, group_patterns)
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_bool("crash_dump", crash_dump)
+        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+            raise ValueError(f"`dump_dir` must be a path or None, got {dump_dir!r}.")
+
+        self.halt_on_nan = halt_on_nan
+        self.nonfinite_action = nonfinite_action or ("stop" if halt_on_nan else "skip")
+        self.actions = {
+            "nonfinite": self.nonfinite_action,
+            "exploding": explode_action,
+            "vanishing": vanish_action,
+            "dead": dead_action,
+        }
+        self.detector_kwargs = dict(
+            max_norm=max_norm,
+            spike_zscore=spike_zscore,
+            ema_alpha=float(ema_alpha),
+            warmup_steps=warmup_steps,
+            vanish_ratio=vanish_ratio,
+            vanish_floor=vanish_floor,
+            patience=patience,
+            max_consecutive_overflows=max_consecutive_overflows,
+            min_loss_scale=float(min_loss_scale),
+        )
+        self.episode_gap = episode_gap
+        self.group_by = group_by
+        self.group_depth = group_depth
+        self.group_patterns = dict(group_patterns) if group_patterns is not None else None
+        self.log_every_n_steps = log_every_n_steps
+        self.crash_dump = crash_dump
+        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+
+        self.detectors: dict[int, HealthDetector] = {}
+        self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.episodes: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.first_step: dict[str, int | None] = dict.fromkeys(KINDS, None)
+        self.skipped_steps = 0
+        self.steps_checked = 0
+        self.findings: list[Finding] = []
+        self.halted_at: int | None = None
+        self.dump_paths: list[str] = []
+        self._quiet: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self._in_episode: dict[str, bool] = dict.fromkeys(KINDS, False)
+        self._groupings: dict[int, Grouping] = {}
+        self._loss_finite: Tensor | None = None
+        self._batch: Any = None
+        self._batch_idx: int | None = None
+        self._restored_detectors: dict[int, dict[str, Any]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            actions=tuple(sorted(self.actions.items())),
+            **{k: self.detector_kwargs[k] for k in ("max_norm", "patience")},
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._groupings.clear()
+        self._loss_finite = None
+        self.halted_at = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch, self._batch_idx = batch, batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else (self._loss_finite & finite)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        optimizer = _lightning.raw_optimizer(optimizer)
+        if self.halted_at is not None:  # stopping: no further update may happen
+            _lightning.drop_gradients(optimizer)
+            return
+        step = trainer.global_step
+        opt_idx = _lightning.optimizer_index(trainer, optimizer)
+        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_STEP, optimizer)
+        grouping = self._grouping(snap.params)
+        stats = snap.grouped(grouping)
+        detector = self._detector(opt_idx)
+        scaler = _lightning.grad_scaler(trainer)
+        scale = _lightning.current_scale(scaler) if scaler is not None else None
+        reading = detector.update(
+            stats, loss_finite=self._loss_finite, scaler_active=scaler is not None, loss_scale=scale
+        )
+        self._loss_finite = None
+        if trainer.world_size > 1:
+            # flags become "any rank"; the measurements are the same on every rank
+            reading = trainer.strategy.reduce(reading, reduce_op="mean")
+        values = reading.tolist()  # the one host copy of the step
+        self.steps_checked += 1
+        fields = dict(zip(HealthDetector.FIELDS, values))
+        active = [k for k in KINDS if fields[k] > 0]
+        for kind in KINDS:
+            if kind in active:
+                self.counts[kind] += 1
+                self._quiet[kind] = 0
+            else:
+                self._quiet[kind] += 1
+                if self._quiet[kind] >= self.episode_gap:
+                    self._in_episode[kind] = False
+        if active:
+            self._act(trainer, pl_module, optimizer, opt_idx, step, stats, values, active, scaler is not None)
+        if step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0 and trainer.loggers:
+            seg = f"opt{opt_idx}/" if len(trainer.optimizers) > 1 else ""
+            metrics = {f"alarm/{seg}{k}": float(self.counts[k]) for k in KINDS}
+            metrics[f"alarm/{seg}skipped_steps"] = float(self.skipped_steps)
+            metrics[f"alarm/{seg}zscore"] = fields["zscore"]
+            metrics[f"alarm/{seg}deep_shallow_ratio"] = fields["ratio"]
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(self.summary())
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, GradientAnomalyError):
+            rank_zero_info(self.summary())
+
+    # ------------------------------------------------------------------ decisions
+
+    def _act(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        opt_idx: int,
+        step: int,
+        stats: Any,
+        values: list[float],
+        active: list[str],
+        scaler_active: bool,
+    ) -> None:
+        host = stats.to_host()  # a second copy, only on flagged steps
+        detector = self.detectors[opt_idx]
+        dead = detector.dead_groups().tolist() if "dead" in active else []
+        overflow_run = int(detector._state["overflow_run"].item()) if scaler_active else None
+        strongest = "none"
+        new_findings: list[Finding] = []
+        for kind in active:
+            if self.first_step[kind] is None:
+                self.first_step[kind] = step
+            if kind == "overflow":
+                if not self._in_episode[kind]:
+                    self._in_episode[kind] = True
+                    self.episodes[kind] += 1
+                continue
+            action = self.actions[kind]
+            if _STRENGTH[action] > _STRENGTH[strongest]:
+                strongest = action
+            if not self._in_episode[kind] or _STRENGTH[action] >= _STRENGTH["stop"]:
+                finding = build_finding(
+                    kind,
+                    step,
+                    host,
+                    values,
+                    detector=detector,
+                    present=stats.present,
+                    model=pl_module,
+                    scaler_active=scaler_active,
+                    dead_groups=dead,
+                    overflow_run=overflow_run,
+                )
+                if not self._in_episode[kind]:
+                    self.episodes[kind] += 1
+                self._in_episode[kind] = True
+                new_findings.append(finding)
+        if "nonfinite" in active and _STRENGTH[strongest] < _STRENGTH["skip"]:
+            strongest = "skip"  # a non-finite step never reaches the weights
+        if _STRENGTH[strongest] >= _STRENGTH["skip"]:
+            _lightning.drop_gradients(optimizer)
+            self.skipped_steps += 1
+        if _STRENGTH[strongest] >= _STRENGTH["stop"]:
+            self.halted_at = step
+            trainer.should_stop = True
+            if self.crash_dump:
+                path = self._write_dump(trainer, step, host, values, new_findings)
+                for f in new_findings:
+                    f.dump_path = path
+        self.findings.extend(new_findings)
+        for f in new_findings:
+            rank_zero_warn(f.message() + ("\n  training stops now." if strongest in ("stop",) else ""))
+        if strongest == "raise":
+            raise GradientAnomalyError(next(f for f in new_findings if self.actions[f.kind] == "raise"))
+
+    def _write_dump(
+        self, trainer: pl.Trainer, step: int, host: Any, values: list[float], findings: list[Finding]
+    ) -> str:
+        folder = self.dump_dir or trainer.log_dir or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        path = os.path.join(folder, f"gradguard_crash_step{step}{suffix}.pt")
+        batch = apply_to_collection(self._batch, Tensor, lambda t: t.detach().cpu())
+        payload = {
+            "step": step,
+            "batch_idx": self._batch_idx,
+            "batch": batch,
+            "group_norms": host.group_norms,
+            "nonfinite_groups": list(host.nonfinite_groups),
+            "total_norm": host.total_norm,
+            "max_abs": host.max_abs,
+            "reading": dict(zip(HealthDetector.FIELDS, values)),
+            "findings": [f.as_dict() for f in findings],
+            "rank": trainer.global_rank,
+        }
+        torch.save(payload, path)
+        self.dump_paths.append(path)
+        return path
+
+    def summary(self) -> str:
+        """A short health report of the run so far."""
+        lines = [f"[gradguard] gradient health over {self.steps_checked} optimizer steps:"]
+        any_issue = False
+        for kind in KINDS:
+            if self.counts[kind]:
+                any_issue = True
+                lines.append(
+                    f"  {kind}: {self.counts[kind]} step(s) in {self.episodes[kind]} episode(s), "
+                    f"first at step {self.first_step[kind]}"
+                )
+        if not any_issue:
+            lines.append("  no vanishing, exploding, dead or non-finite gradients seen.")
+        if self.skipped_steps:
+            lines.append(f"  optimizer steps skipped by gradguard: {self.skipped_steps}")
+        if self.halted_at is not None:
+            lines.append(f"  training halted at step {self.halted_at}")
+        for path in self.dump_paths:
+            lines.append(f"  crash dump: {path}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _grouping(self, params: ParamSet) -> Grouping:
+        grouping = self._groupings.get(id(params))
+        if grouping is None:
+            grouping = Grouping.build(
+                params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=self.group_patterns
+            )
+            self._groupings[id(params)] = grouping
+        return grouping
+
+    def _detector(self, opt_idx: int) -> HealthDetector:
+        detector = self.detectors.get(opt_idx)
+        if detector is None:
+            detector = self.detectors[opt_idx] = HealthDetector(**self.detector_kwargs)
+            restored = self._restored_detectors.pop(opt_idx, None)
+            if restored:
+                detector.load_state_dict(restored)
+        return detector
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "detectors": {i: d.state_dict() for i, d in self.detectors.items()},
+            "counts": dict(self.counts),
+            "episodes": dict(self.episodes),
+            "first_step": dict(self.first_step),
+            "skipped_steps": self.skipped_steps,
+            "steps_checked": self.steps_checked,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_detectors = {int(i): s for i, s in state_dict.get("detectors", {}).items()}
+        self.detectors.clear()
+        self.counts.update(state_dict.get("counts", {}))
+        self.episodes.update(state_dict.get("episodes", {}))
+        self.first_step.update(state_dict.get("first_step", {}))
+        self.skipped_steps = state_dict.get("skipped_steps", 0)
+        self.steps_checked = state_dict.get("steps_checked", 0)

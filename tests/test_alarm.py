@@ -1,0 +1,316 @@
+"""VanishExplodeAlarm under real Trainer.fit runs on CPU."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import (
+    RecordingMLP,
+    WeightHistory,
+    fp16_cpu_plugin,
+    loader,
+    make_trainer,
+    poisoned_loader,
+    read_scalars,
+)
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_gradguard import GradientAnomalyError, GradientNormLogger, VanishExplodeAlarm
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from demo import Classifier, DeepSigmoidMLP, ResidualReLUMLP, two_spirals
+
+
+def _spirals(batch_size=128):
+    return DataLoader(two_spirals(n=1024), batch_size=batch_size, shuffle=True)
+
+
+def _fit(tmp_path, model, data, callbacks, **kw):
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(tmp_path, callbacks, **kw)
+    trainer.fit(model, data)
+    return trainer
+
+
+# ---------------------------------------------------------------------- vanishing / healthy
+
+
+def test_deep_sigmoid_is_reported_as_vanishing_naming_its_first_layers(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    alarm = VanishExplodeAlarm(patience=20)
+    with pytest.warns(UserWarning, match="vanishing gradients at step 19"):
+        trainer = _fit(tmp_path, Classifier(DeepSigmoidMLP(20, 32), 1e-3), _spirals(), [alarm], max_steps=40)
+    finding = alarm.findings[0]
+    assert finding.kind == "vanishing" and finding.step == 19  # within the patience window
+    assert finding.layers[0][0] == "net.layers.0"  # the first layer is named first
+    assert finding.ratio > 1e4
+    assert any("ReLU" in a for a in finding.advice)
+    assert alarm.counts["vanishing"] == 40 - 19 and alarm.episodes["vanishing"] == 1  # warned once
+    assert alarm.counts["nonfinite"] == alarm.counts["exploding"] == alarm.counts["dead"] == 0
+    assert trainer.global_step == 40  # "warn" does not stop
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert scalars["alarm/vanishing"][39] == 21.0
+    assert scalars["alarm/deep_shallow_ratio"][0] > 1e4
+
+
+def test_healthy_residual_relu_raises_no_alarm_of_any_kind(tmp_path, recwarn):
+    alarm = VanishExplodeAlarm()
+    model = Classifier(ResidualReLUMLP(20, 32), 1e-3)
+    trainer = _fit(tmp_path, model, _spirals(), [alarm], max_steps=300, log_every_n_steps=50)
+    assert alarm.steps_checked == 300
+    assert all(v == 0 for v in alarm.counts.values()), alarm.counts
+    assert alarm.findings == []
+    assert not [w for w in recwarn if "[gradguard]" in str(w.message)]
+    assert "no vanishing, exploding, dead or non-finite" in alarm.summary()
+    assert trainer.global_step == 300
+
+
+def test_dead_layer_is_reported(tmp_path):
+    class DeadMiddle(RecordingMLP):
+        def forward(self, x):
+            h = self.net[0](x)
+            h = self.net[2](h) * 0.0  # the layer's output is multiplied away: exact-zero gradient
+            return self.net[6](torch.tanh(self.net[4](torch.tanh(h) + x.sum(1, keepdim=True))))
+
+    alarm = VanishExplodeAlarm(patience=5, vanish_ratio=None, vanish_floor=None)
+    with pytest.warns(UserWarning, match="dead gradients"):
+        _fit(tmp_path, DeadMiddle(), loader(), [alarm], max_steps=8)
+    finding = next(f for f in alarm.findings if f.kind == "dead")
+    assert [name for name, _ in finding.layers] == ["net.0", "net.2"]
+
+
+# ---------------------------------------------------------------------- exploding
+
+
+class ReluRNN(pl.LightningModule):
+    """nn.RNN with ReLU and weight_hh filled with a constant > 1: gradients grow with length."""
+
+    def __init__(self, fill: float = 1.0, length: int = 20, lr: float = 1e-3):
+        super().__init__()
+        self.rnn = nn.RNN(5, 10, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(10, 1)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.fill_(fill / 10)
+        self.length, self.lr = length, lr
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        out, _ = self.rnn(x[:, : self.length])
+        return self.head(out[:, -1]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _sequences(n=64, length=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(torch.utils.data.TensorDataset(torch.rand(n, length, 5, generator=g)), batch_size=16)
+
+
+def test_exploding_rnn_is_reported(tmp_path):
+    # weight_hh = 0.25 everywhere: spectral radius 2.5 on non-negative (ReLU) states, so the
+    # gradient grows ~2.5x per time step: length 20 gives norms far above the ceiling.
+    alarm = VanishExplodeAlarm(max_norm=1e4, halt_on_nan=True)
+    with pytest.warns(UserWarning, match="exploding gradients at step 0"):
+        _fit(tmp_path, ReluRNN(fill=2.5, length=20, lr=1e-12), _sequences(), [alarm], max_steps=4)
+    finding = alarm.findings[0]
+    assert finding.kind == "exploding" and finding.total_norm > 1e4
+    assert "ceiling" in finding.summary
+    assert {name for name, _ in finding.layers} >= {"rnn"}
+    assert any("LSTM" in a for a in finding.advice)
+
+
+def test_spike_against_the_runs_own_history(tmp_path):
+    class SpikeAt(RecordingMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * (1e4 if self.trainer.global_step == 30 else 1.0)
+
+    alarm = VanishExplodeAlarm(warmup_steps=20, max_norm=None, explode_action="skip")
+    history = WeightHistory()
+    with pytest.warns(UserWarning, match="exploding gradients at step 30"):
+        _fit(tmp_path, SpikeAt(), loader(n=512), [alarm, history], max_steps=40)
+    finding = alarm.findings[0]
+    assert finding.zscore is not None and finding.zscore > 6
+    assert alarm.counts["exploding"] == 1 and alarm.skipped_steps == 1
+    for name, value in history.history[31].items():  # the spike step was skipped
+        assert torch.equal(value, history.history[30][name]), name
+
+
+# ---------------------------------------------------------------------- non-finite
+
+
+def test_nan_in_data_halts_at_that_step_with_last_good_weights(tmp_path):
+    k = 5
+    alarm = VanishExplodeAlarm()  # halt_on_nan=True by default
+    history = WeightHistory()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    model = RecordingMLP(optimizer_cls=torch.optim.Adam, lr=1e-2)
+    with pytest.warns(UserWarning, match=f"nonfinite gradients at step {k}"):
+        trainer = _fit(
+            tmp_path, model, poisoned_loader(k), [alarm, history, ckpt], max_steps=20, enable_checkpointing=True
+        )
+    assert alarm.halted_at == k and trainer.should_stop
+    assert max(history.history) == k + 1  # batch k ran (skipped), nothing after it
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p.detach(), history.history[k][name]), name  # = after step k-1
+    for state in trainer.optimizers[0].state.values():
+        for v in state.values():
+            assert torch.isfinite(v).all()
+    # a checkpoint taken at the halt is usable: finite, loads, equals the last good weights
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists()
+    restored = RecordingMLP.load_from_checkpoint(str(last))
+    for name, p in restored.named_parameters():
+        assert torch.equal(p, history.history[k][name]), name
+    # the crash dump holds the offending batch
+    dumps = glob.glob(os.path.join(trainer.log_dir, "gradguard_crash_step*.pt"))
+    assert dumps == alarm.dump_paths and len(dumps) == 1
+    dump = torch.load(dumps[0], weights_only=False)
+    assert dump["step"] == k and dump["batch_idx"] == k
+    assert torch.isnan(dump["batch"][0]).any()
+    assert dump["nonfinite_groups"] == ["net.0", "net.2", "net.4", "net.6"]
+    assert "halted at step 5" in alarm.summary()
+
+
+def test_raise_action_carries_the_diagnosis(tmp_path):
+    alarm = VanishExplodeAlarm(nonfinite_action="raise")
+    model = RecordingMLP()
+    before = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            before.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    with pytest.raises(GradientAnomalyError) as info:
+        _fit(tmp_path, model, poisoned_loader(3), [alarm, Snap()], max_steps=10)
+    finding = info.value.finding
+    assert finding.kind == "nonfinite" and finding.step == 3
+    assert finding.layers[0][0] == "net.0"
+    assert "NaN/Inf" in str(info.value) and "try:" in str(info.value)
+    assert finding.dump_path and os.path.exists(finding.dump_path)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+
+
+def test_halt_on_nan_false_skips_and_continues(tmp_path):
+    alarm = VanishExplodeAlarm(halt_on_nan=False)
+    model = RecordingMLP()
+    history = WeightHistory()
+    with pytest.warns(UserWarning, match="nonfinite"):
+        trainer = _fit(tmp_path, model, poisoned_loader(2), [alarm, history], max_steps=8)
+    assert trainer.global_step == 8 and alarm.halted_at is None
+    assert alarm.skipped_steps == 1 and alarm.counts["nonfinite"] == 1
+    for name in history.history[3]:
+        assert torch.equal(history.history[3][name], history.history[2][name])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not glob.glob(os.path.join(trainer.log_dir, "gradguard_crash_*"))
+
+
+def test_nonfinite_loss_alone_is_caught(tmp_path):
+    class InfLoss(RecordingMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + (torch.log(torch.zeros(())) * 0 if batch_idx == 2 else 0)  # -inf * 0 = NaN
+
+    alarm = VanishExplodeAlarm()
+    with pytest.warns(UserWarning, match="nonfinite"):
+        _fit(tmp_path, InfLoss(), loader(), [alarm], max_steps=6)
+    assert alarm.halted_at == 2
+
+
+# ---------------------------------------------------------------------- fp16
+
+
+def test_fp16_single_overflow_is_counted_not_halted(tmp_path):
+    class OneHugeLoss(RecordingMLP):
+        def __init__(self, poison: bool):
+            super().__init__()
+            self.poison = poison
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * (1e35 if self.poison and batch_idx == 6 else 1.0)
+
+    counts = {}
+    for poison in (False, True):
+        alarm = VanishExplodeAlarm()
+        trainer = _fit(
+            tmp_path / str(poison), OneHugeLoss(poison), loader(), [alarm], max_steps=8, plugins=[fp16_cpu_plugin()]
+        )
+        assert alarm.halted_at is None and trainer.global_step == 8
+        assert alarm.counts["nonfinite"] == 0 and alarm.findings == []
+        counts[poison] = alarm.counts["overflow"]
+    assert counts[True] == counts[False] + 1  # exactly the injected step, on top of the usual start-up ones
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert scalars["alarm/overflow"][7] == counts[True]
+
+
+def test_fp16_persistent_overflow_halts(tmp_path):
+    class AlwaysHuge(RecordingMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * (1e35 if self.trainer.global_step >= 3 else 1.0)
+
+    alarm = VanishExplodeAlarm(max_consecutive_overflows=5)
+    model = AlwaysHuge()
+    with pytest.warns(UserWarning, match="fp16 overflow steps in a row"):
+        trainer = _fit(tmp_path, model, loader(n=256), [alarm], max_steps=30, plugins=[fp16_cpu_plugin()])
+    assert alarm.halted_at is not None and alarm.halted_at <= 3 + 5
+    assert trainer.global_step < 30
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- state, config, args
+
+
+def test_state_dict_round_trip_restores_the_running_statistics(tmp_path):
+    alarm = VanishExplodeAlarm(warmup_steps=3)
+    _fit(tmp_path, RecordingMLP(), loader(), [alarm], max_steps=6)
+    state = alarm.state_dict()
+    fresh = VanishExplodeAlarm(warmup_steps=3)
+    fresh.load_state_dict(state)
+    assert fresh.steps_checked == 6
+    restored = fresh._detector(0)
+    assert restored._state["count"].item() == pytest.approx(6.0)
+    assert restored._state["mean"].item() == pytest.approx(alarm.detectors[0]._state["mean"].item())
+
+
+def test_works_beside_the_logger_sharing_one_snapshot(tmp_path):
+    alarm = VanishExplodeAlarm()
+    trainer = _fit(tmp_path, RecordingMLP(), loader(), [GradientNormLogger(), alarm], max_steps=5)
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert "grad_norm/total" in scalars and "alarm/zscore" in scalars
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"halt_on_nan": "yes"}, "halt_on_nan"),
+        ({"nonfinite_action": "warn"}, "nonfinite_action"),
+        ({"explode_action": "explode"}, "explode_action"),
+        ({"vanish_action": None}, "vanish_action"),
+        ({"max_norm": -1.0}, "max_norm"),
+        ({"spike_zscore": 0}, "spike_zscore"),
+        ({"ema_alpha": 1.0}, "ema_alpha"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"vanish_ratio": 0.5}, "vanish_ratio"),
+        ({"vanish_floor": math.inf}, "vanish_floor"),
+        ({"patience": 0}, "patience"),
+        ({"max_consecutive_overflows": 0}, "max_consecutive_overflows"),
+        ({"group_by": "nope"}, "group_by"),
+        ({"dump_dir": 3}, "dump_dir"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VanishExplodeAlarm(**kwargs)
