@@ -8,7 +8,7 @@ import pytest
 from helpers import CLIModel, read_scalars
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_gradguard import GradientNormLogger
+from lightning_gradguard import GradientNormLogger, VanishExplodeAlarm
 
 
 def _write_config(tmp_path, init_args: str) -> str:
@@ -68,3 +68,47 @@ def test_yaml_bad_value_is_rejected_naming_the_argument(tmp_path, capsys):
         LightningCLI(CLIModel, run=False, args=["--config", cfg])
     message = str(info.value) + capsys.readouterr().err
     assert "log_every_n_steps" in message
+
+
+def test_yaml_config_for_the_alarm(tmp_path):
+    cfg = tmp_path / "alarm.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            trainer:
+              accelerator: cpu
+              max_steps: 3
+              enable_progress_bar: false
+              enable_checkpointing: false
+              default_root_dir: {tmp_path}
+              logger: false
+              callbacks:
+                - class_path: lightning_gradguard.VanishExplodeAlarm
+                  init_args:
+                    halt_on_nan: false
+                    explode_action: skip
+                    vanish_ratio: 1.0e+6
+                    patience: 5
+                    spike_zscore: null
+            model:
+              hidden: 8
+            """
+        )
+    )
+    cli = LightningCLI(CLIModel, run=False, args=["--config", str(cfg)], save_config_kwargs={"overwrite": True})
+    (alarm,) = [c for c in cli.trainer.callbacks if isinstance(c, VanishExplodeAlarm)]
+    assert alarm.nonfinite_action == "skip" and alarm.actions["exploding"] == "skip"
+    assert alarm.detector_kwargs["vanish_ratio"] == 1e6 and alarm.detector_kwargs["spike_zscore"] is None
+    cli.trainer.fit(cli.model)
+    assert alarm.steps_checked == 3
+
+
+def test_yaml_bad_alarm_value_is_rejected(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_gradguard.VanishExplodeAlarm\n"
+        "      init_args:\n        explode_action: panic\n"
+    )
+    with pytest.raises((ValueError, SystemExit)) as info:
+        LightningCLI(CLIModel, run=False, args=["--config", str(cfg)])
+    assert "explode_action" in str(info.value) + capsys.readouterr().err

@@ -310,3 +310,25 @@ def test_model_parallel_strategy_logged_norms_match_full_tensors(model_parallel_
                 assert_close_rel(scalars[tag][step], want, rel, f"{tag}@{step}")
                 checked += 1
     assert checked == 4 * (4 + 4 + 1)
+
+
+# ======================================================================================
+# DDP + VanishExplodeAlarm: a NaN on one rank only stops every rank at the same step
+# ======================================================================================
+
+
+def test_ddp_nan_on_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
+    elapsed = _lightning_run("ddp_alarm.py", tmp_path)
+    ranks = [_load(tmp_path / f"rank{r}.json") for r in range(WORLD)]
+    bad_step = 3
+    for rec in ranks:
+        assert rec["halted_at"] == bad_step, rec
+        assert rec["global_step"] == bad_step + 1, rec  # stopped right after the bad batch
+        assert rec["skipped_steps"] == 1 and rec["finite"], rec
+        # the skipped step left the weights as they were after step bad_step - 1
+        assert rec["final"] == rec["before_bad_step"]
+    # rank 0's gradients were finite, yet it took the same decision; the weights agree
+    assert ranks[0]["counts"]["nonfinite"] == ranks[1]["counts"]["nonfinite"] == 1
+    assert ranks[0]["final"] == ranks[1]["final"]
+    assert ranks[1]["dumps"] and ranks[1]["dumps"][0].endswith("_rank1.pt")
+    assert elapsed < TIMEOUT_S

@@ -1,0 +1,92 @@
+"""Two-process DDP run where one rank alone gets a NaN gradient, for tests/test_distributed.py.
+
+Usage::
+
+    python ddp_alarm.py OUT_DIR
+
+At step ``BAD_STEP`` a callback placed before ``VanishExplodeAlarm`` writes a NaN into one
+gradient element on rank 1 only (after DDP's all-reduce, so rank 0's gradients stay
+finite). The alarm must stop both ranks at that step, skip it on both, and leave identical,
+finite weights. Every rank writes ``OUT_DIR/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import VanishExplodeAlarm
+
+BAD_STEP = 3
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.weights_after: dict[int, list[float]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def on_train_batch_end(self, *args) -> None:
+        flat = torch.cat([p.detach().flatten() for p in self.parameters()])
+        self.weights_after[self.trainer.global_step] = flat.tolist()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class PoisonOneRank(pl.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == BAD_STEP:
+            with torch.no_grad():
+                pl_module.net[0].weight.grad[0, 0] = float("nan")
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    model = Net()
+    alarm = VanishExplodeAlarm(dump_dir=os.path.join(out_dir, "dumps"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PoisonOneRank(), alarm],
+    )
+    trainer.fit(model, data)
+    rank = trainer.global_rank
+    final = torch.cat([p.detach().flatten() for p in model.parameters()])
+    record = {
+        "rank": rank,
+        "halted_at": alarm.halted_at,
+        "global_step": trainer.global_step,
+        "counts": alarm.counts,
+        "skipped_steps": alarm.skipped_steps,
+        "final": final.tolist(),
+        "finite": bool(torch.isfinite(final).all()),
+        "before_bad_step": model.weights_after.get(BAD_STEP),
+        "dumps": alarm.dump_paths,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(record, fh)
+
+
+if __name__ == "__main__":
+    main()
