@@ -5,12 +5,20 @@ Public API:
 - :class:`GradientNormLogger` — total and per-layer gradient norms to any Lightning logger.
 - :class:`VanishExplodeAlarm` — vanishing / exploding / dead / non-finite gradients: warn,
   skip the step, stop or raise :class:`GradientAnomalyError`.
+- :class:`AmpUnscaleCheck` — fp16 AMP: scaled-gradient misuse, loss-scale health, underflow.
 - :mod:`lightning_gradguard.stats` — the Trainer-free snapshot engine the callbacks share.
 """
 
-from lightning_gradguard.callbacks import GradientNormLogger, VanishExplodeAlarm
+from lightning_gradguard.callbacks import AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm
 from lightning_gradguard.diagnosis import Finding, GradientAnomalyError
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Finding", "GradientAnomalyError", "GradientNormLogger", "VanishExplodeAlarm", "__version__"]
+__all__ = [
+    "AmpUnscaleCheck",
+    "Finding",
+    "GradientAnomalyError",
+    "GradientNormLogger",
+    "VanishExplodeAlarm",
+    "__version__",
+]

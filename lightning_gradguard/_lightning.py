@@ -167,3 +167,24 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
+
+
+def wrap_clip_gradients(trainer: pl.Trainer, wrapper: Any) -> Any:
+    """Route the precision plugin's ``clip_gradients`` through ``wrapper(original, optimizer, clip_val, algorithm)``.
+
+    Both ``LightningModule.clip_gradients`` (manual optimisation) and Lightning's own
+    ``gradient_clip_val`` end in this method. Returns a callable that undoes the wrap.
+    """
+    plugin = trainer.precision_plugin
+    original = plugin.clip_gradients
+
+    def clip_gradients(optimizer: Any, clip_val: float = 0.0, gradient_clip_algorithm: Any = None) -> None:
+        return wrapper(original, optimizer, clip_val, gradient_clip_algorithm)
+
+    plugin.clip_gradients = clip_gradients  # instance attribute shadows the method
+
+    def restore() -> None:
+        if plugin.__dict__.get("clip_gradients") is clip_gradients:
+            del plugin.clip_gradients
+
+    return restore

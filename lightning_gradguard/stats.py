@@ -61,6 +61,7 @@ __all__ = [
     "reduce_norms",
     "take_snapshot",
     "tensor_stats",
+    "zero_fractions",
 ]
 
 #: Allowed values of ``group_by``.
@@ -337,6 +338,42 @@ def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
     return torch.where(overflow, maxes * numel.sqrt(), norms)
 
 
+def _bucket(
+    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None = None
+) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]]:
+    """Group the local parts of ``tensors`` by (device, dtype, reduce key), with their positions.
+
+    ``None`` and empty tensors are left out (an FSDP2 rank whose shard of a small
+    parameter is empty contributes 0, and the max of nothing would raise).
+    """
+    buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        local = local_tensor(t)
+        if local.numel() == 0:
+            continue
+        key = (local.device, local.dtype, reduce_keys[i] if reduce_keys is not None else ())
+        bucket = buckets.setdefault(key, ([], []))
+        bucket[0].append(local)
+        bucket[1].append(i)
+    return buckets
+
+
+def _bucket_index(
+    cache: dict[Any, Any], key: tuple[Any, ...], device: torch.device, idx: list[int], ts: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Positions and element counts of a bucket as device tensors, built once per layout."""
+    ckey = ("bucket", key, device, tuple(idx))
+    cached = cache.get(ckey)
+    if cached is None:
+        cached = cache[ckey] = (
+            torch.tensor(idx, device=device),
+            torch.tensor([float(t.numel()) for t in ts], device=device),
+        )
+    return cached
+
+
 def tensor_stats(
     tensors: Sequence[Tensor | None],
     reduce_keys: Sequence[tuple[Any, ...]] | None = None,
@@ -375,34 +412,14 @@ def tensor_stats(
     n = len(tensors)
     if reduce_keys is None:
         reduce_keys = [() for _ in range(n)]
-    buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
-    for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        local = local_tensor(t)
-        if local.numel() == 0:
-            # e.g. an FSDP2 rank whose shard of a small parameter is empty: its share of
-            # the norm is 0 (and the max of nothing would raise)
-            continue
-        key = (local.device, local.dtype, reduce_keys[i])
-        bucket = buckets.get(key)
-        if bucket is None:
-            buckets[key] = bucket = ([], [])
-        bucket[0].append(local)
-        bucket[1].append(i)
+    buckets = _bucket(tensors, reduce_keys)
     if device is None:
         device = next(iter(buckets))[0] if buckets else torch.device("cpu")
     norms = torch.zeros(n, dtype=torch.float32, device=device)
     maxes = torch.zeros(n, dtype=torch.float32, device=device)
     numel = torch.ones(n, dtype=torch.float32, device=device)
     for key, (ts, idx) in buckets.items():
-        ckey = (key, device, tuple(idx))
-        cached = cache.get(ckey)
-        if cached is None:
-            index = torch.tensor(idx, device=device)
-            sizes = torch.tensor([float(t.numel()) for t in ts], device=device)
-            cache[ckey] = cached = (index, sizes)
-        index, sizes = cached
+        index, sizes = _bucket_index(cache, key, device, idx, ts)
         norms.index_copy_(0, index, _foreach_norms(ts, 2.0).to(device))
         maxes.index_copy_(0, index, _foreach_norms(ts, math.inf).to(device))
         numel.index_copy_(0, index, sizes)
@@ -647,3 +664,25 @@ def iter_group_tensors(params: ParamSet, grouping: Grouping, tensors: Iterable[T
         if t is not None:
             out[gi].append(t)
     return out
+
+
+def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
+    """Per group, the fraction of gradient elements that are exactly zero, on the device.
+
+    One ``torch._foreach_norm(ord=0)`` (a count of non-zeros) per device/dtype bucket; no
+    host sync. Groups without any gradient read 0. Local shards only for DTensors (the
+    fraction of this rank's shard).
+    """
+    grads = [p.grad for p in params.params]
+    device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+    nonzero = torch.zeros(len(grads), dtype=torch.float32, device=device)
+    sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
+    for key, (ts, idx) in _bucket(grads).items():
+        index, numel = _bucket_index(params.cache, key, device, idx, ts)
+        nonzero.index_copy_(0, index, _foreach_norms(ts, 0.0).to(device))
+        sizes.index_copy_(0, index, numel)
+    gindex = grouping.index_tensor(device)
+    g = len(grouping)
+    group_nonzero = torch.zeros(g, device=device).index_add_(0, gindex, nonzero)
+    group_size = torch.zeros(g, device=device).index_add_(0, gindex, sizes)
+    return torch.where(group_size > 0, 1 - group_nonzero / group_size.clamp_min(1), torch.zeros_like(group_size))

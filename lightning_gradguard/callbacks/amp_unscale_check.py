@@ -1,0 +1,370 @@
+"""AmpUnscaleCheck: make fp16 mixed precision safe to observe and clip."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+
+from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_positive_int
+from lightning_gradguard.stats import Grouping, ParamSet, validate_grouping_args, zero_fractions
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+
+
+class AmpUnscaleCheck(GradGuardCallback):
+    r"""Check that fp16 mixed precision is observed and clipped on unscaled gradients.
+
+    Under fp16 AMP a ``GradScaler`` multiplies the loss by a large scale (65536 at first),
+    so gradients are scaled until ``scaler.unscale_(optimizer)`` runs — in Lightning right
+    before ``on_before_optimizer_step``, but not for optimizers that unscale inside their
+    ``step()``, and never in ``on_after_backward``. This callback:
+
+    - warns once per optimizer whose gradients are still scaled in
+      ``on_before_optimizer_step`` (``_step_supports_amp_scaling``, e.g. fused optimizers),
+      with the cause and the fix. gradguard's shared snapshot divides the scale out
+      whether or not this callback is attached, so every gradguard statistic and clip is
+      right anyway;
+    - catches gradient clipping on scaled gradients — ``self.clip_gradients(...)`` after
+      ``manual_backward`` in manual optimisation clips the *scaled* gradients, so a
+      threshold of 1.0 leaves a true norm of 1/scale. It warns once and, with
+      ``fix_scaled_clipping=True``, multiplies the threshold by the current scale so the
+      clip means what was written (this reads the scale to the host on those steps);
+    - tracks loss-scale health: the scale, steps whose gradients overflowed (the scaler
+      skips them), and the skip rate over the last ``skip_rate_window`` steps; warns when
+      the scale falls below ``min_loss_scale`` or the skip rate exceeds ``max_skip_rate``
+      (thrashing), and when ``max_consecutive_overflows`` steps in a row overflow. It never
+      stops training itself: attach :class:`~lightning_gradguard.VanishExplodeAlarm` to halt
+      on persistent overflow (its non-finite rules take over);
+    - watches fp16 underflow: at logging steps, the fraction of exactly-zero gradient
+      elements per layer; when it rises by ``underflow_rise`` as the scale falls, says that
+      gradients underflow and suggests bf16 or another initial scale.
+
+    With bf16, fp32 or no scaler it says once at setup that there is nothing to check and
+    costs nothing afterwards. (On CPU, Lightning runs ``precision="16-mixed"`` as bf16;
+    fp16 on CPU needs ``plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]``.)
+
+    Cost per step: a few device ops on the shared snapshot's finiteness flag; at logging
+    steps one host copy (plus one ``foreach`` pass over the gradients for underflow).
+
+    Logged keys (at ``log_every_n_steps``): ``amp/loss_scale``, ``amp/overflow_steps``
+    (steps whose gradients overflowed so far), ``amp/skip_rate`` (over the window),
+    ``amp/zero_grad_fraction/total`` and ``amp/zero_grad_fraction/<group>``
+    (``track_underflow=True``).
+
+    Args:
+        log_every_n_steps: logging and checking interval; ``None``: the Trainer's.
+        min_loss_scale: warn when the scale falls below this.
+        max_skip_rate: warn when more than this fraction of the last ``skip_rate_window``
+            steps overflowed, in (0, 1].
+        skip_rate_window: steps in the skip-rate window.
+        max_consecutive_overflows: warn after this many overflow steps in a row.
+        track_underflow: measure the fraction of exactly-zero gradient elements.
+        underflow_rise: rise of a layer's zero fraction (0..1) that, with a falling scale,
+            counts as underflow.
+        fix_scaled_clipping: correct clipping done on scaled gradients (see above).
+        group_by, group_depth, group_patterns: how parameters form layers, as in
+            :class:`~lightning_gradguard.GradientNormLogger`.
+
+    Raises:
+        ValueError: if an argument is outside what is allowed; the message names it.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_gradguard import AmpUnscaleCheck, GradientNormLogger
+
+        trainer = Trainer(precision="16-mixed", callbacks=[AmpUnscaleCheck(), GradientNormLogger()])
+    """
+
+    def __init__(
+        self,
+        *,
+        log_every_n_steps: int | None = None,
+        min_loss_scale: float = 1.0,
+        max_skip_rate: float = 0.05,
+        skip_rate_window: int = 200,
+        max_consecutive_overflows: int = 10,
+        track_underflow: bool = True,
+        underflow_rise: float = 0.1,
+        fix_scaled_clipping: bool = True,
+        group_by: str = "module",
+        group_depth: int | None = None,
+        group_patterns: Mapping[str, str] | None = None,
+    ) -> None:
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        _check_number("min_loss_scale", min_loss_scale, low=0.0)
+        _check_number("max_skip_rate", max_skip_rate, low=0.0, high=1.0)
+        check_positive_int("skip_rate_window", skip_rate_window)
+        check_positive_int("max_consecutive_overflows", max_consecutive_overflows)
+        check_bool("track_underflow", track_underflow)
+        _check_number("underflow_rise", underflow_rise, low=0.0, high=1.0)
+        check_bool("fix_scaled_clipping", fix_scaled_clipping)
+        validate_grouping_args(group_by, group_depth, group_patterns)
+        self.log_every_n_steps = log_every_n_steps
+        self.min_loss_scale = float(min_loss_scale)
+        self.max_skip_rate = float(max_skip_rate)
+        self.skip_rate_window = skip_rate_window
+        self.max_consecutive_overflows = max_consecutive_overflows
+        self.track_underflow = track_underflow
+        self.underflow_rise = float(underflow_rise)
+        self.fix_scaled_clipping = fix_scaled_clipping
+        self.group_by = group_by
+        self.group_depth = group_depth
+        self.group_patterns = dict(group_patterns) if group_patterns is not None else None
+
+        self.active = False
+        self.scaled_optimizers: list[str] = []  # optimizers seen with scaled gradients at the step
+        self.scaled_clip_calls = 0  # clip_gradients calls that found scaled gradients
+        self.warnings: list[str] = []  # every warning issued, for programmatic checks
+        self._warned: set[str] = set()
+        self._restore_clip: Any = None
+        self._state: dict[str, Tensor] = {}
+        self._groupings: dict[int, Grouping] = {}
+        self._group_sizes: dict[int, list[int]] = {}
+        self._zero_baseline: dict[str, tuple[float, float]] = {}  # group -> (lowest zero fraction, scale then)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        scaler = _lightning.grad_scaler(trainer)
+        self.active = scaler is not None
+        if not self.active:
+            precision = getattr(trainer.precision_plugin, "precision", "32-true")
+            hint = ""
+            if precision == "bf16-mixed" and trainer.strategy.root_device.type == "cpu":
+                hint = (
+                    " (on CPU, Lightning runs precision='16-mixed' as bf16; real fp16 needs "
+                    "plugins=[MixedPrecision('16-mixed', 'cpu', torch.amp.GradScaler('cpu'))])"
+                )
+            rank_zero_info(
+                f"AmpUnscaleCheck: precision is {precision!r} without an fp16 GradScaler, so gradients are never "
+                f"scaled: nothing to check, the callback stays idle{hint}."
+            )
+            return
+        self._restore_clip = _lightning.wrap_clip_gradients(trainer, functools.partial(self._checked_clip, trainer))
+        if is_overridden("on_after_backward", pl_module):
+            # a note, not a warning: the override may well handle the scale already
+            rank_zero_info(
+                f"[gradguard] note: {type(pl_module).__name__} overrides on_after_backward: under fp16 AMP the "
+                "gradients there are still multiplied by the loss scale. If it reads or clips them, divide by "
+                "trainer.precision_plugin.scaler.get_scale(), or move the code to on_before_optimizer_step, which "
+                "Lightning runs after unscaling. (gradguard's own statistics are unscaled in both hooks.)",
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._restore_clip is not None:
+            self._restore_clip()
+            self._restore_clip = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._groupings.clear()
+
+    # ------------------------------------------------------------------ the checks
+
+    def _checked_clip(self, trainer: pl.Trainer, original: Any, optimizer: Any, clip_val: Any, algorithm: Any) -> None:
+        """Lightning's ``clip_gradients``, made right when the gradients are still scaled."""
+        kwargs = {} if algorithm is None else {"gradient_clip_algorithm": algorithm}
+        scaler = _lightning.grad_scaler(trainer)
+        raw = _lightning.raw_optimizer(optimizer)
+        if scaler is None or not clip_val or _lightning.optimizer_unscaled(scaler, raw):
+            return original(optimizer, clip_val, **kwargs)
+        self.scaled_clip_calls += 1
+        algo = GradClipAlgorithmType(algorithm) if algorithm is not None else GradClipAlgorithmType.NORM
+        action = (
+            "gradguard multiplied the threshold by the loss scale so the clip means what was written "
+            "(fix_scaled_clipping=True)"
+            if self.fix_scaled_clipping
+            else "the clip is left as it is (fix_scaled_clipping=False)"
+        )
+        self._warn_once(
+            "scaled_clip",
+            f"Gradient clipping ({algo.value}, threshold {clip_val}) ran on gradients still multiplied by the fp16 "
+            f"loss scale (optimizer {type(raw).__name__}, not unscaled yet): a {algo.value} clip of {clip_val} there "
+            f"means {clip_val}/scale on the true gradients, so it clips far too hard (or, for an optimizer that "
+            f"unscales itself, at the wrong point). This happens with self.clip_gradients() after manual_backward() "
+            f"in manual optimisation. Fix: clip in the LightningModule's on_before_optimizer_step(self, optimizer), "
+            f"which Lightning runs after unscaling, or attach lightning_gradguard.AdaptiveClipper. Now {action}.",
+        )
+        if self.fix_scaled_clipping:
+            clip_val = float(clip_val) * scaler.get_scale()
+        return original(optimizer, clip_val, **kwargs)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.active:
+            return
+        scaler = _lightning.grad_scaler(trainer)
+        if scaler is None:
+            return
+        optimizer = _lightning.raw_optimizer(optimizer)
+        if not _lightning.optimizer_unscaled(scaler, optimizer):
+            name = type(optimizer).__name__
+            if name not in self.scaled_optimizers:
+                self.scaled_optimizers.append(name)
+            self._warn_once(
+                f"scaled_step:{name}",
+                f"{name} unscales its gradients inside step() (it declares _step_supports_amp_scaling, as fused "
+                "optimizers do), so Lightning does not unscale them first: in on_before_optimizer_step they are "
+                "still multiplied by the loss scale, and any code that reads or clips them there is off by that "
+                "factor (Lightning's gradient_clip_val refuses such optimizers). gradguard divides the scale out "
+                "of its own statistics and clips. Fix for your own code: divide by "
+                "trainer.precision_plugin.scaler.get_scale(), or use a non-fused optimizer.",
+            )
+        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_STEP, optimizer)
+        scale = _lightning.current_scale(scaler)
+        st = self._device_state(snap.norms.device)
+        overflow = (~snap.all_finite).float()
+        st["overflow_steps"] = st["overflow_steps"] + overflow
+        st["run"] = torch.where(overflow > 0, st["run"] + 1, torch.zeros_like(st["run"]))
+        st["max_run"] = torch.maximum(st["max_run"], st["run"])
+        ring = st["ring"]
+        pos = st["pos"]
+        st["ring"] = ring.index_copy(0, pos.long().view(1), overflow.view(1))
+        st["pos"] = (pos + 1) % self.skip_rate_window
+        st["steps"] = st["steps"] + 1
+        step = trainer.global_step
+        if step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0:
+            self._report(trainer, snap, optimizer, scale, step)
+
+    def _report(self, trainer: pl.Trainer, snap: Any, optimizer: Any, scale: Tensor | None, step: int) -> None:
+        st = self._state
+        grouping = self._grouping(snap.params)
+        parts = [
+            (scale if scale is not None else torch.ones(())).to(st["steps"]).reshape(1),
+            st["overflow_steps"].reshape(1),
+            (st["ring"].sum() / self.skip_rate_window).reshape(1),
+            st["max_run"].reshape(1),
+            st["run"].reshape(1),
+        ]
+        if self.track_underflow:
+            parts.append(zero_fractions(snap.params, grouping).to(st["steps"]))
+        values = torch.cat(parts).tolist()  # the one host copy of a logging step
+        loss_scale, overflow_steps, skip_rate, max_run, run = values[:5]
+        st["max_run"].zero_()
+        metrics = {"amp/loss_scale": loss_scale, "amp/overflow_steps": overflow_steps, "amp/skip_rate": skip_rate}
+        if self.track_underflow:
+            fractions = dict(zip(grouping.names, values[5:]))
+            sizes = self._group_sizes[id(grouping)]
+            total = sum(f * n for f, n in zip(fractions.values(), sizes)) / max(1, sum(sizes))
+            metrics["amp/zero_grad_fraction/total"] = total
+            for name, frac in fractions.items():
+                metrics[f"amp/zero_grad_fraction/{name}"] = frac
+            self._check_underflow(fractions, loss_scale)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if loss_scale < self.min_loss_scale:
+            self._warn_once(
+                "low_scale",
+                f"The fp16 loss scale fell to {loss_scale:.3g} (below min_loss_scale={self.min_loss_scale:g}) at step "
+                f"{step}: gradients overflow even barely scaled, so the model itself is producing huge or non-finite "
+                "values. Look for exploding gradients (VanishExplodeAlarm), lower the learning rate, or train in bf16.",
+            )
+        if skip_rate > self.max_skip_rate:
+            self._warn_once(
+                "thrashing",
+                f"{skip_rate:.0%} of the last {self.skip_rate_window} optimizer steps were skipped for fp16 overflow "
+                f"(max_skip_rate={self.max_skip_rate:g}) at step {step}: the GradScaler is thrashing and those steps "
+                "train nothing. Lower the GradScaler's growth_factor or raise its growth_interval, lower the learning "
+                "rate, or use bf16.",
+            )
+        if max(max_run, run) >= self.max_consecutive_overflows:
+            alarm = any(type(cb).__name__ == "VanishExplodeAlarm" for cb in trainer.callbacks)
+            then = (
+                "VanishExplodeAlarm is attached and will act on it with its non-finite rules."
+                if alarm
+                else "Training goes on; attach lightning_gradguard.VanishExplodeAlarm to halt on it."
+            )
+            self._warn_once(
+                "persistent_overflow",
+                f"{int(max(max_run, run))} optimizer steps in a row overflowed in fp16 (by step {step}; loss scale now "
+                f"{loss_scale:.3g}): the gradients are non-finite whatever the scale. {then}",
+            )
+
+    def _check_underflow(self, fractions: dict[str, float], loss_scale: float) -> None:
+        risen = []
+        for name, frac in fractions.items():
+            base = self._zero_baseline.get(name)
+            if base is None or frac < base[0]:
+                self._zero_baseline[name] = (frac, loss_scale)
+                continue
+            low, scale_then = base
+            if frac - low >= self.underflow_rise and loss_scale < scale_then:
+                risen.append(f"{name} ({low:.0%} -> {frac:.0%})")
+        if risen:
+            self._warn_once(
+                "underflow",
+                "Gradients underflow in fp16: the fraction of exactly-zero gradient elements rose in "
+                + ", ".join(risen[:5])
+                + (f" and {len(risen) - 5} more" if len(risen) > 5 else "")
+                + f" while the loss scale fell to {loss_scale:.3g}. Small gradients round to 0 in fp16 below ~6e-8. "
+                "Train in bf16 ('bf16-mixed'), or give the GradScaler a higher init_scale / lower backoff, and look "
+                "for what forces the scale down (overflowing layers).",
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        self.warnings.append(message)
+        rank_zero_warn(f"[gradguard] {message}")
+
+    def _device_state(self, device: torch.device) -> dict[str, Tensor]:
+        if not self._state or self._state["steps"].device != device:
+            old = {k: v.to(device) for k, v in self._state.items()}
+            zero = torch.zeros((), device=device)
+            self._state = {
+                "overflow_steps": old.get("overflow_steps", zero.clone()),
+                "run": old.get("run", zero.clone()),
+                "max_run": old.get("max_run", zero.clone()),
+                "steps": old.get("steps", zero.clone()),
+                "pos": old.get("pos", zero.clone()),
+                "ring": old.get("ring", torch.zeros(self.skip_rate_window, device=device)),
+            }
+        return self._state
+
+    def _grouping(self, params: ParamSet) -> Grouping:
+        grouping = self._groupings.get(id(params))
+        if grouping is None:
+            grouping = Grouping.build(
+                params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=self.group_patterns
+            )
+            self._groupings[id(params)] = grouping
+            sizes = [0] * len(grouping)
+            for gi, p in zip(grouping.index, params.params):
+                sizes[gi] += p.numel()
+            self._group_sizes[id(grouping)] = sizes
+        return grouping
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "device_state": {k: v.tolist() for k, v in self._state.items()},
+            "zero_baseline": dict(self._zero_baseline),
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state = {k: torch.tensor(v, dtype=torch.float32) for k, v in state_dict.get("device_state", {}).items()}
+        self._zero_baseline = {k: tuple(v) for k, v in state_dict.get("zero_baseline", {}).items()}
+        self._warned = set(state_dict.get("warned", []))

@@ -1,0 +1,745 @@
+"""Gradient clipping math: coefficients, in-place clipping and learned thresholds.
+
+Plain PyTorch, unit-testable without a ``Trainer``. Three rules hold throughout:
+
+- everything stays on the device: thresholds, coefficients and statistics are 0-dim
+  tensors, decisions are ``torch.where``/``clamp`` rather than Python ``if`` on a device
+  value, so nothing here waits for the accelerator;
+- gradients are modified in place with ``torch._foreach_*`` kernels, grouped by device
+  and dtype, on the local shard of DTensor (FSDP2) gradients;
+- a step whose gradient norm is not finite changes neither the gradients nor the
+  statistics (``accept`` masks), so one NaN cannot poison a learned threshold.
+
+Building blocks:
+
+- :func:`clip_coefficient`, :func:`scale_`, :func:`clip_by_norm_`: total-norm clipping
+  with a device-side coefficient (the direction of the gradient is kept);
+- :func:`clip_by_value_`: element-wise clipping to ``[-bound, bound]``;
+- :class:`PercentileThreshold` (AutoClip, Seetharaman et al. 2020) and
+  :class:`ZScoreThreshold` (after ZClip, 2025): thresholds learned from the run's own
+  history of total norms, with warm-up, floor and ceiling, and ``state_dict`` support;
+- :class:`UnitwiseClip`: adaptive gradient clipping (AGC, Brock et al. 2021, NFNets),
+  each unit's gradient norm bounded relative to its weight norm.
+
+Example:
+    >>> import torch
+    >>> from lightning_gradguard.policies import PercentileThreshold, clip_by_norm_
+    >>> grads = [torch.full((3,), 4.0), torch.full((2,), 3.0)]
+    >>> rule = PercentileThreshold(percentile=50.0, window=8, warmup_steps=2)
+    >>> for past in (1.0, 2.0, 3.0):
+    ...     rule.observe(torch.tensor(past), accept=torch.tensor(True))
+    >>> rule.threshold()
+    tensor(2.)
+    >>> norm = torch.linalg.vector_norm(torch.cat(grads))
+    >>> coef = clip_by_norm_(grads, norm, rule.threshold())
+    >>> round(float(torch.linalg.vector_norm(torch.cat(grads))), 4)
+    2.0
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.stats import DTensor, ParamSet, local_tensor, reduce_norms, tensor_stats
+
+__all__ = [
+    "MODES",
+    "LearnedThreshold",
+    "PercentileThreshold",
+    "UnitwiseClip",
+    "ZScoreThreshold",
+    "check_number",
+    "clip_by_norm_",
+    "clip_by_value_",
+    "clip_coefficient",
+    "scale_",
+]
+
+#: Allowed values of ``AdaptiveClipper(mode=...)``.
+MODES = ("norm", "value", "percentile", "zscore", "agc")
+
+_INF = math.inf
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = False,
+    high_inclusive: bool = True,
+    allow_none: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the range.
+
+    Args:
+        name: the argument's name, quoted in the message.
+        value: what was given.
+        low, high: the bounds (``None``: unbounded on that side).
+        low_inclusive, high_inclusive: whether each bound itself is allowed.
+        allow_none: whether ``None`` is allowed.
+        integer: require an ``int``.
+
+    Example:
+        >>> check_number("percentile", 150.0, low=0.0, high=100.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `percentile` must be a finite number in (0.0, 100.0], got 150.0.
+    """
+    if value is None and allow_none:
+        return
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if ok:
+        return
+    what = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        what += f" in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+    elif low is not None:
+        what += f" {'>=' if low_inclusive else '>'} {low}"
+    elif high is not None:
+        what += f" {'<=' if high_inclusive else '<'} {high}"
+    if allow_none:
+        what += " or None"
+    raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------
+# Total-norm and value clipping
+# --------------------------------------------------------------------------------------
+
+
+def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
+    """The factor that brings a gradient of total norm ``norm`` down to ``threshold``.
+
+    ``min(1, threshold / norm)``, computed on the device. It is exactly 1 when the norm is
+    within the threshold, when the norm is 0, and when the norm is NaN or infinite (a
+    non-finite gradient is left alone: there is no meaningful way to rescale it). An
+    infinite threshold means "no clipping".
+
+    Args:
+        norm: 0-dim tensor, the total L2 norm (unscaled).
+        threshold: the largest norm allowed (tensor or float, >= 0).
+
+    Returns:
+        A 0-dim float32 tensor in ``[0, 1]`` on ``norm``'s device.
+
+    Example:
+        >>> clip_coefficient(torch.tensor(10.0), 2.5)
+        tensor(0.2500)
+        >>> clip_coefficient(torch.tensor(float("nan")), 2.5)
+        tensor(1.)
+    """
+    norm = norm.to(torch.float32)
+    if isinstance(threshold, Tensor):
+        threshold = threshold.to(device=norm.device, dtype=torch.float32)
+    ratio = threshold / norm.clamp_min(torch.finfo(torch.float32).tiny)  # a float stays a scalar: no copy
+    coef = ratio.clamp(max=1.0)
+    return torch.where(torch.isfinite(norm) & ~torch.isnan(coef), coef, torch.ones_like(coef))
+
+
+def _buckets(tensors: Iterable[Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    out: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        local = local_tensor(t)
+        if local.numel() == 0:
+            continue
+        out.setdefault((local.device, local.dtype), []).append(local)
+    return out
+
+
+def scale_(tensors: Iterable[Tensor | None], coef: Tensor) -> None:
+    """Multiply every tensor in place by the 0-dim device tensor ``coef``.
+
+    One ``torch._foreach_mul_`` per (device, dtype) group; ``None`` entries are skipped and
+    DTensors are scaled through their local shard. No host synchronisation.
+
+    Example:
+        >>> g = [torch.ones(2), torch.ones(3)]
+        >>> scale_(g, torch.tensor(0.5))
+        >>> g[1]
+        tensor([0.5000, 0.5000, 0.5000])
+    """
+    with torch.no_grad():
+        for (device, _), group in _buckets(tensors).items():
+            c = coef.to(device=device, non_blocking=True)
+            try:
+                torch._foreach_mul_(group, c)
+            except (RuntimeError, NotImplementedError):  # no foreach kernel for this device/layout
+                for t in group:
+                    t.mul_(c)
+
+
+def clip_by_norm_(tensors: Sequence[Tensor | None], norm: Tensor, threshold: Tensor | float) -> Tensor:
+    """Scale ``tensors`` in place so that their total norm is at most ``threshold``.
+
+    ``norm`` is the total norm of ``tensors`` as already measured (unscaled; when the
+    tensors still carry a loss scale the same coefficient is right, because it is a
+    ratio). The direction is unchanged; a non-finite ``norm`` leaves the tensors alone.
+
+    Returns:
+        The coefficient applied (0-dim device tensor); the norm after clipping is
+        ``norm * coef``.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0])]
+        >>> clip_by_norm_(g, torch.tensor(5.0), 1.0)
+        tensor(0.2000)
+        >>> g[0]
+        tensor([0.6000, 0.8000])
+    """
+    coef = clip_coefficient(norm, threshold)
+    scale_(tensors, coef)
+    return coef
+
+
+def clip_by_value_(
+    tensors: Iterable[Tensor | None],
+    clip_value: float,
+    *,
+    scale: Tensor | None = None,
+    finite: Tensor | None = None,
+) -> None:
+    """Clamp every element to ``[-clip_value, clip_value]`` in place.
+
+    Args:
+        tensors: the gradients (``None`` skipped; DTensors through their local shard).
+        clip_value: the bound on the unscaled gradient, > 0.
+        scale: a loss scale still applied to the tensors (the bound becomes
+            ``clip_value * scale``), or ``None``.
+        finite: 0-dim bool device tensor; where ``False`` the tensors are left alone (a
+            clamp would turn an Inf into a finite value and hide an overflow).
+
+    Example:
+        >>> g = [torch.tensor([-3.0, 0.5, 2.0])]
+        >>> clip_by_value_(g, 1.0)
+        >>> g[0]
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    buckets = _buckets(tensors)
+    if not buckets:
+        return
+    ref = next(iter(buckets.values()))[0]
+    bound = torch.full((), float(clip_value), dtype=torch.float32, device=ref.device)
+    if scale is not None:
+        bound = bound * scale.to(bound.device)
+    if finite is not None:
+        bound = torch.where(finite.to(bound.device), bound, torch.full_like(bound, _INF))
+    with torch.no_grad():
+        for (device, dtype), group in buckets.items():
+            hi = bound.to(device=device, dtype=dtype)  # beyond fp16's range it becomes +inf: no bound
+            lo = -hi
+            try:
+                torch._foreach_clamp_max_(group, [hi] * len(group))
+                torch._foreach_clamp_min_(group, [lo] * len(group))
+            except (RuntimeError, NotImplementedError):
+                for t in group:
+                    t.clamp_(min=lo, max=hi)
+
+
+# --------------------------------------------------------------------------------------
+# Learned thresholds
+# --------------------------------------------------------------------------------------
+
+
+class LearnedThreshold:
+    """A clipping threshold learned from the total norms of previous steps.
+
+    Subclasses keep a statistic of past norms (:meth:`raw`) and decide what enters it
+    (:meth:`observe`). This class adds what every learned rule needs:
+
+    - **warm-up**: while fewer than ``warmup_steps`` norms were observed, the threshold is
+      ``max_norm`` (a fixed ceiling) or infinite (no clipping) when ``max_norm`` is ``None``;
+    - **floor**: the threshold never goes below ``min_norm``;
+    - **ceiling**: the threshold never goes above ``max_norm``.
+
+    So after warm-up ``threshold = min(max(raw, min_norm), max_norm)``.
+
+    The state is a few tensors on one device (created on ``device``, moved by
+    :meth:`to`); :meth:`state_dict` returns CPU copies and :meth:`load_state_dict` copies
+    back into the existing tensors, so a resumed run continues bit for bit.
+
+    Args:
+        warmup_steps: observed norms needed before the learned value is used, >= 0.
+        max_norm: absolute ceiling (and the warm-up threshold), or ``None``.
+        min_norm: floor, or ``None``.
+        device: where the state lives.
+    """
+
+    def __init__(
+        self,
+        *,
+        warmup_steps: int = 0,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        check_number("warmup_steps", warmup_steps, low=0, low_inclusive=True, integer=True)
+        check_number("max_norm", max_norm, low=0.0, allow_none=True)
+        check_number("min_norm", min_norm, low=0.0, allow_none=True)
+        if max_norm is not None and min_norm is not None and min_norm > max_norm:
+            raise ValueError(f"`min_norm` ({min_norm!r}) must not exceed `max_norm` ({max_norm!r}).")
+        self.warmup_steps = warmup_steps
+        self.max_norm = max_norm
+        self.min_norm = min_norm
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        #: number of norms observed so far (int64, 0-dim)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+
+    # ---------------------------------------------------------------- to override
+
+    def raw(self) -> Tensor:
+        """The statistic of past norms (0-dim float32); ``inf`` when nothing was observed."""
+        raise NotImplementedError
+
+    def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
+        """Record this step's total ``norm`` where ``accept`` (0-dim bool) is true.
+
+        Args:
+            norm: the pre-clip total norm of the step.
+            accept: whether the step may enter the statistics (finite, not skipped).
+            threshold: the threshold that was in force for the step (from
+                :meth:`threshold` before this call); some rules record the clipped norm.
+        """
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"seen": self.seen}
+
+    # ---------------------------------------------------------------- shared
+
+    @property
+    def device(self) -> torch.device:
+        return self.seen.device
+
+    def threshold(self) -> Tensor:
+        """The threshold in force for the next step (0-dim float32 device tensor)."""
+        value = self.raw()
+        if self.min_norm is not None:
+            value = value.clamp(min=self.min_norm)
+        ceiling = _INF if self.max_norm is None else self.max_norm
+        if self.max_norm is not None:
+            value = value.clamp(max=ceiling)
+        if self.warmup_steps:
+            warm = torch.full_like(value, ceiling)
+            value = torch.where(self.seen < self.warmup_steps, warm, value)
+        return value
+
+    def to(self, device: torch.device | str) -> LearnedThreshold:
+        """Move the state to ``device`` (in place); returns ``self``."""
+        for name, t in self._tensors().items():
+            setattr(self, name, t.to(device))
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as CPU tensors (one host copy; call it at checkpoint time only)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self._tensors().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Copy a :meth:`state_dict` back into the state tensors.
+
+        Raises:
+            ValueError: if an entry is missing or has another shape (e.g. another ``window``).
+        """
+        for name, t in self._tensors().items():
+            if name not in state:
+                raise ValueError(f"{type(self).__name__} state has no entry {name!r}; keys: {sorted(state)}.")
+            value = torch.as_tensor(state[name])
+            if value.shape != t.shape:
+                raise ValueError(
+                    f"{type(self).__name__} state entry {name!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(t.shape)}."
+                )
+            t.copy_(value.to(device=t.device, dtype=t.dtype))
+
+
+class PercentileThreshold(LearnedThreshold):
+    """AutoClip: the ``percentile``-th percentile of the last ``window`` observed norms.
+
+    Seetharaman et al. (2020), "AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks", clip each step to the p-th percentile of the run's own history
+    of gradient norms (they recommend p = 10). Here the history is a ring buffer of the
+    last ``window`` accepted pre-clip norms kept on the device; the percentile uses
+    linear interpolation between order statistics (``numpy.percentile``'s default) over
+    the filled part of the buffer. The step being clipped is not part of the history it
+    is clipped by: its norm enters afterwards (if finite).
+
+    Args:
+        percentile: p in (0, 100]; 100 is the largest recent norm.
+        window: ring-buffer size, >= 1.
+        warmup_steps, max_norm, min_norm, device: see :class:`LearnedThreshold`.
+
+    Example:
+        >>> rule = PercentileThreshold(percentile=50.0, window=3)
+        >>> for x in (1.0, 5.0, 2.0, 4.0):  # the window keeps 5, 2, 4
+        ...     rule.observe(torch.tensor(x), torch.tensor(True))
+        >>> rule.threshold()
+        tensor(4.)
+    """
+
+    def __init__(
+        self,
+        *,
+        percentile: float = 10.0,
+        window: int = 1000,
+        warmup_steps: int = 0,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        check_number("percentile", percentile, low=0.0, high=100.0)
+        check_number("window", window, low=1, low_inclusive=True, integer=True)
+        super().__init__(warmup_steps=warmup_steps, max_norm=max_norm, min_norm=min_norm, device=device)
+        self.percentile = float(percentile)
+        self.window = window
+        #: the last ``window`` accepted norms; ``inf`` marks an empty slot
+        self.buffer = torch.full((window,), _INF, dtype=torch.float32, device=self.seen.device)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"seen": self.seen, "buffer": self.buffer}
+
+    def raw(self) -> Tensor:
+        count = self.seen.clamp(max=self.window)
+        ordered = torch.sort(self.buffer).values  # empty (inf) slots sort last
+        rank = (count.clamp(min=1) - 1).to(torch.float32) * (self.percentile / 100.0)
+        lo = rank.floor()
+        below = ordered.gather(0, lo.long().view(1))
+        above = ordered.gather(0, rank.ceil().long().view(1))
+        # at an integer rank, below == above and the weight is 0; never inf * 0 (count >= 1)
+        value = (below + (rank - lo) * (above - below)).squeeze(0)
+        return torch.where(count > 0, value, torch.full_like(value, _INF))
+
+    def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
+        norm = norm.to(device=self.device, dtype=torch.float32).reshape(1)
+        ok = (accept.to(self.device) & torch.isfinite(norm)).reshape(1)
+        pos = (self.seen % self.window).view(1)
+        old = self.buffer.gather(0, pos)
+        self.buffer.scatter_(0, pos, torch.where(ok, norm, old))
+        self.seen.add_(ok.squeeze(0).to(torch.int64))
+
+
+class ZScoreThreshold(LearnedThreshold):
+    """A running mean/std rule in the spirit of ZClip: clip norms above ``mean + z * std``.
+
+    The exact rule. Let ``x_1, x_2, ...`` be the norms that entered the statistics (see
+    below) and ``n`` their count. With ``a_n = max(1/n, 1 - ema_decay)``::
+
+        d   = x_n - mean
+        mean <- mean + a_n * d
+        var  <- (1 - a_n) * (var + a_n * d**2)
+
+    For the first ``1 / (1 - ema_decay)`` entries this is the exact running mean and
+    (population) variance; afterwards it is an exponential moving average with decay
+    ``ema_decay``. The threshold for a step is ``mean + z_threshold * sqrt(var)`` of the
+    entries *before* it. A norm above the threshold is scaled down to exactly the
+    threshold (unlike ZClip's default ``adaptive_scaling``, larger outliers are not pulled
+    further down). What enters the statistics is the norm after clipping,
+    ``min(norm, threshold)``, so an outlier cannot inflate the mean and variance that
+    judge the next one; non-finite norms never enter, and an update that would make the
+    mean or variance non-finite is refused.
+
+    Args:
+        z_threshold: z, the number of standard deviations tolerated, > 0.
+        ema_decay: decay of the moving averages, in (0, 1) (ZClip's ``alpha``).
+        warmup_steps, max_norm, min_norm, device: see :class:`LearnedThreshold`.
+
+    Example:
+        >>> rule = ZScoreThreshold(z_threshold=2.0, ema_decay=0.9)
+        >>> for x in (1.0, 3.0):  # mean 2, std 1
+        ...     rule.observe(torch.tensor(x), torch.tensor(True))
+        >>> rule.threshold()
+        tensor(4.)
+    """
+
+    def __init__(
+        self,
+        *,
+        z_threshold: float = 2.5,
+        ema_decay: float = 0.97,
+        warmup_steps: int = 0,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        check_number("z_threshold", z_threshold, low=0.0)
+        check_number("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
+        super().__init__(warmup_steps=warmup_steps, max_norm=max_norm, min_norm=min_norm, device=device)
+        self.z_threshold = float(z_threshold)
+        self.ema_decay = float(ema_decay)
+        self.mean = torch.zeros((), dtype=torch.float32, device=self.seen.device)
+        self.var = torch.zeros((), dtype=torch.float32, device=self.seen.device)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"seen": self.seen, "mean": self.mean, "var": self.var}
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.sqrt()
+
+    def raw(self) -> Tensor:
+        value = self.mean + self.z_threshold * self.var.sqrt()
+        return torch.where(self.seen > 0, value, torch.full_like(value, _INF))
+
+    def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
+        x = norm.to(device=self.device, dtype=torch.float32)
+        if threshold is not None:
+            x = torch.minimum(x, threshold.to(self.device))
+        n = (self.seen + 1).to(torch.float32)
+        weight = n.reciprocal().clamp(min=1.0 - self.ema_decay)
+        d = x - self.mean
+        mean = self.mean + weight * d
+        var = (1.0 - weight) * (self.var + weight * d * d)
+        ok = accept.to(self.device) & torch.isfinite(x) & torch.isfinite(mean) & torch.isfinite(var)
+        self.mean.copy_(torch.where(ok, mean, self.mean))
+        self.var.copy_(torch.where(ok, var, self.var))
+        self.seen.add_(ok.to(torch.int64))
+
+
+# --------------------------------------------------------------------------------------
+# Unit-wise (AGC)
+# --------------------------------------------------------------------------------------
+
+
+def _placements_ok(p: Tensor) -> bool:
+    """Whether every unit (row) of a sharded parameter lives whole on one rank."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return True
+    return all(not pl.is_shard() or pl.dim == 0 for pl in p.placements)
+
+
+@dataclass
+class AGCResult:
+    """What one :meth:`UnitwiseClip.clip_` call did (device tensors, no host sync).
+
+    Attributes:
+        units: number of units the rule looked at on this rank (host int; with sharded
+            parameters, the rows of the local shards).
+        clipped_units: how many of them were scaled down (0-dim int64 device tensor).
+    """
+
+    units: int
+    clipped_units: Tensor
+
+
+class UnitwiseClip:
+    r"""Adaptive gradient clipping (AGC), unit-wise, as in NFNets.
+
+    Brock et al. (2021), "High-Performance Large-Scale Image Recognition Without
+    Normalization": each unit's gradient ``G_i`` is rescaled so that
+    ``||G_i|| / max(||W_i||, eps) <= clipping``::
+
+        G_i <- G_i * min(1, clipping * max(||W_i||, eps) / ||G_i||)
+
+    A unit is a row (output unit) of a weight of two or more dimensions (the norm runs
+    over every dimension but the first: a Linear row, a conv filter), and the whole
+    tensor for biases, gains and other vectors. The paper uses ``eps = 1e-3``, recommends
+    smaller ``clipping`` for larger batches (0.01 at batch 4096) and does not clip the
+    final linear classifier; ``exclude`` takes regular expressions searched in the
+    qualified parameter names (e.g. ``[r"^head\."]``) for parameters left alone.
+
+    Per step the weight and gradient row norms take one concatenation and one norm
+    kernel per (device, dtype, row length) group, vectors take a ``torch._foreach_norm``,
+    and the coefficients are applied with one ``torch._foreach_mul_``; nothing is copied
+    to the host. FSDP2 gradients sharded along their first dimension (the default) keep
+    every row whole on one rank, so row norms are local; vector norms are combined
+    across ranks by :func:`~lightning_gradguard.stats.tensor_stats`.
+
+    Args:
+        params: the parameters (one optimizer's :class:`~lightning_gradguard.stats.ParamSet`).
+        clipping: the largest gradient/weight norm ratio per unit, > 0.
+        eps: floor of the weight norm (so that zero-initialised units can move), > 0.
+        exclude: regular expressions; parameters whose name matches any are not clipped.
+
+    Raises:
+        ValueError: on a bad argument or a pattern that is not a regular expression.
+        RuntimeError: for a DTensor sharded along another dimension than the first.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_gradguard.stats import ParamSet
+        >>> lin = nn.Linear(4, 2)
+        >>> _ = lin.weight.data.fill_(1.0)  # every row has norm 2
+        >>> lin(torch.ones(1, 4)).sum().mul(100).backward()
+        >>> agc = UnitwiseClip(ParamSet.from_module(lin), clipping=0.1, exclude=[r"bias"])
+        >>> grad_norms = torch.stack([lin.weight.grad.norm(), lin.bias.grad.norm()])
+        >>> _ = agc.clip_(grad_norms)
+        >>> lin.weight.grad.norm(dim=1)  # each row now 0.1 * 2
+        tensor([0.2000, 0.2000])
+    """
+
+    def __init__(
+        self,
+        params: ParamSet,
+        *,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        check_number("agc_clipping", clipping, low=0.0)
+        check_number("agc_eps", eps, low=0.0)
+        patterns = compile_patterns("agc_exclude", exclude)
+        self.params = params
+        self.clipping = float(clipping)
+        self.eps = float(eps)
+        self.exclude = tuple(exclude or ())
+        self.excluded: tuple[str, ...] = tuple(n for n in params.names if any(r.search(n) for r in patterns))
+        skip = set(self.excluded)
+        self.matrices: tuple[int, ...] = ()
+        self.vectors: tuple[int, ...] = ()
+        mats, vecs = [], []
+        for i, (name, p) in enumerate(zip(params.names, params.params)):
+            if name in skip:
+                continue
+            if p.dim() >= 2:
+                if not _placements_ok(p):
+                    raise RuntimeError(
+                        f"AGC needs every row of {name!r} on one rank, but it is sharded as {p.placements}; "
+                        "only Shard(0) (FSDP2's default) and Replicate are supported."
+                    )
+                mats.append(i)
+            else:
+                vecs.append(i)
+        self.matrices, self.vectors = tuple(mats), tuple(vecs)
+        self._cache: dict[Any, Any] = {}
+
+    def _vector_index(self, device: torch.device) -> Tensor:
+        key = ("vec_index", device)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._cache[key] = torch.tensor(self.vectors, dtype=torch.long, device=device)
+        return t
+
+    def clip_(
+        self,
+        grad_norms: Tensor,
+        *,
+        inv_scale: Tensor | None = None,
+        finite: Tensor | None = None,
+        factor: Tensor | None = None,
+    ) -> AGCResult:
+        """Apply AGC to the current gradients of ``params`` in place.
+
+        Args:
+            grad_norms: per-parameter gradient L2 norms, unscaled and (for sharded
+                parameters) combined across ranks, shape ``(len(params),)``, as
+                :attr:`~lightning_gradguard.stats.GradSnapshot.norms` provides them.
+            inv_scale: ``1 / loss_scale`` when the gradients still carry a loss scale.
+            finite: 0-dim bool; where ``False`` nothing is changed.
+            factor: an extra 0-dim factor multiplied into every coefficient (unused if ``None``).
+
+        Returns:
+            An :class:`AGCResult`.
+        """
+        device = grad_norms.device
+        params = self.params.params
+        one = torch.ones((), device=device)
+        ok = finite.to(device) if finite is not None else torch.ones((), dtype=torch.bool, device=device)
+        clipped = torch.zeros((), dtype=torch.int64, device=device)
+        units = 0
+        targets: list[Tensor] = []
+        coefs: list[Tensor] = []
+
+        # vectors: whole-tensor norms (gradient norms from the snapshot, weight norms here)
+        vec = [i for i in self.vectors if params[i].grad is not None]
+        if vec:
+            index = self._vector_index(device)
+            weights = [params[i].detach() for i in self.vectors]
+            keys = [self.params.reduce_keys[i] for i in self.vectors]
+            w_norms, _ = tensor_stats(weights, keys, device=device, cache=self._cache.setdefault("vec_stats", {}))
+            g_norms = grad_norms.index_select(0, index)
+            coef = self._coef(w_norms, g_norms, ok, one)
+            clipped = clipped + (coef < 1).sum()
+            if factor is not None:
+                coef = coef * factor
+            units += len(vec)
+            pos = {i: k for k, i in enumerate(self.vectors)}
+            for i in vec:
+                targets.append(local_tensor(params[i].grad))
+                coefs.append(coef[pos[i]])
+
+        # matrices: row norms of the local shards, grouped by (device, dtype, row length)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i in self.matrices:
+            g = params[i].grad
+            if g is None:
+                continue
+            lg = local_tensor(g)
+            row = math.prod(lg.shape[1:])
+            groups.setdefault((lg.device, lg.dtype, row), []).append(i)
+        with torch.no_grad():
+            for (gdev, _, row), members in groups.items():
+                grads = [local_tensor(params[i].grad) for i in members]
+                weights = [local_tensor(params[i].detach()) for i in members]
+                rows = [int(g.shape[0]) for g in grads]
+                units += sum(rows)
+                g_rows = torch.linalg.vector_norm(
+                    torch.cat([g.reshape(r, row) for g, r in zip(grads, rows)]), dim=1, dtype=torch.float32
+                ).to(device)
+                w_rows = torch.linalg.vector_norm(
+                    torch.cat([w.reshape(r, row) for w, r in zip(weights, rows)]), dim=1, dtype=torch.float32
+                ).to(device)
+                if inv_scale is not None:
+                    g_rows = g_rows * inv_scale.to(device)
+                coef = self._coef(w_rows, g_rows, ok, one)
+                clipped = clipped + (coef < 1).sum()
+                if factor is not None:
+                    coef = coef * factor
+                coef = coef.to(gdev)
+                for g, c in zip(grads, torch.split(coef, rows)):
+                    targets.append(g)
+                    coefs.append(c.view(-1, *([1] * (g.dim() - 1))))
+            if targets:
+                coefs = [c.to(device=t.device, dtype=t.dtype) for t, c in zip(targets, coefs)]
+                try:
+                    torch._foreach_mul_(targets, coefs)
+                except (RuntimeError, NotImplementedError):
+                    for t, c in zip(targets, coefs):
+                        t.mul_(c)
+        return AGCResult(units=units, clipped_units=clipped)
+
+    def _coef(self, w_norms: Tensor, g_norms: Tensor, ok: Tensor, one: Tensor) -> Tensor:
+        limit = self.clipping * w_norms.clamp_min(self.eps)
+        coef = (limit / g_norms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        good = ok & torch.isfinite(g_norms) & ~torch.isnan(coef)
+        return torch.where(good, coef, one)
+
+
+def compile_patterns(name: str, patterns: Sequence[str] | None) -> list[re.Pattern[str]]:
+    """Compile a list of regular expressions; ``ValueError`` naming ``name`` on a bad one."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+        raise ValueError(f"`{name}` must be a list of regular expressions or None, got {patterns!r}.")
+    out = []
+    for pattern in patterns:
+        try:
+            out.append(re.compile(pattern))
+        except (re.error, TypeError) as err:
+            raise ValueError(f"`{name}` entry {pattern!r} is not a valid regular expression: {err}") from None
+    return out
+
+
+def total_norm_of(norms: Tensor) -> Tensor:
+    """``sqrt(sum(norms**2))`` of a vector of norms without overflow (0-dim)."""
+    return reduce_norms(norms, torch.zeros_like(norms, dtype=torch.long), 1)[0]
