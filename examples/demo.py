@@ -1,8 +1,9 @@
 """lightning-gradguard demo: watch gradients vanish in a deep sigmoid net, and not in a residual one.
 
 Trains two 20-layer classifiers on an embedded two-spirals data set (generated here,
-nothing is downloaded) with :class:`lightning_gradguard.GradientNormLogger` attached,
-writes TensorBoard logs, and prints what the logs show and how to open them.
+nothing is downloaded) with :class:`lightning_gradguard.GradientNormLogger` and
+:class:`lightning_gradguard.VanishExplodeAlarm` attached, writes TensorBoard logs, and
+prints what the alarm found, what the logs show and how to open them.
 
 Run: ``make demo`` (or ``python examples/demo.py --help``).
 """
@@ -22,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradientNormLogger
+from lightning_gradguard import GradientNormLogger, VanishExplodeAlarm
 from lightning_gradguard.stats import Grouping, ParamSet
 
 
@@ -113,18 +114,20 @@ def main() -> None:
         "residual_relu": ResidualReLUMLP(args.depth, args.width),
     }
     log_dirs = {}
+    alarms = {}
     layer_names = {}
     for name, net in models.items():
         # the logger's own grouping, input side first: names its per-layer tags
         layer_names[name] = Grouping.build(ParamSet.from_module(Classifier(net, lr=0.0))).names
         logger = TensorBoardLogger(args.logdir, name=name)
+        alarm = VanishExplodeAlarm()  # warns once per episode; see its summary below
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
             max_steps=args.steps,
             logger=logger,
             log_every_n_steps=10,
-            callbacks=[GradientNormLogger(log_param_norms=True, log_update_ratio=True)],
+            callbacks=[GradientNormLogger(log_param_norms=True, log_update_ratio=True), alarms.setdefault(name, alarm)],
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,
@@ -133,6 +136,13 @@ def main() -> None:
         trainer.fit(Classifier(net, lr=1e-3), data)
         print(f"[{name}] trained {args.steps} steps in {time.perf_counter() - start:.1f} s")
         log_dirs[name] = logger.log_dir
+
+    print("\nWhat VanishExplodeAlarm found:")
+    for name, alarm in alarms.items():
+        found = ", ".join(f"{f.kind} at step {f.step}" for f in alarm.findings) or "nothing"
+        print(f"  {name:14s} {found}")
+        for finding in alarm.findings[:1]:
+            print("    " + finding.message().replace("\n", "\n    "))
 
     print("\nWhat the gradient logs say (last logged step):")
     for name, log_dir in log_dirs.items():
@@ -151,7 +161,7 @@ def main() -> None:
     print(
         f"\nTensorBoard logs: {os.path.abspath(args.logdir)}\n"
         f"Open them with:   .venv/bin/tensorboard --logdir {args.logdir}   (then http://localhost:6006)\n"
-        "Scalars: grad_norm/* (per layer), param_norm/*, update_ratio/*; the 'Custom Scalars' tab\n"
+        "Scalars: grad_norm/* (per layer), param_norm/*, update_ratio/*, alarm/*; the 'Custom Scalars' tab\n"
         "groups them under 'gradguard'."
     )
 
