@@ -122,26 +122,37 @@ class HealthDetector:
       ``max_consecutive_overflows`` overflow steps in a row, or when the scale falls below
       ``min_loss_scale``.
     - **exploding**: the total norm is above ``max_norm``, or, after ``warmup_steps``
-      finite steps, log(total norm) is more than ``spike_zscore`` standard deviations
-      above its exponential moving average (weight ``ema_alpha``). The average is fed the
-      log-norm capped at mean + ``spike_zscore`` std, so one spike cannot drag it up while
-      a lasting change of level is still learned.
-    - **vanishing**: for ``patience`` consecutive finite steps, the deepest layer's norm
-      is more than ``vanish_ratio`` times the shallowest layer's, or the shallowest is below
-      ``vanish_floor`` while the deepest is not (a converged model, small everywhere, is
-      not vanishing). Shallowest and deepest are the first and last groups that have a
-      gradient, in registration order.
-    - **dead**: a group that has gradients, all exactly zero, for ``patience`` consecutive
-      finite steps (max |g| is exact, so float32 underflow of the norm cannot fake it).
+      finite steps, a spike: log(total norm) is more than ``spike_zscore`` standard
+      deviations above its exponential moving average (weight ``ema_alpha``; the standard
+      deviation is floored at ``sqrt(0.1)`` in log units) *and* the norm is at least
+      ``spike_min_ratio`` times the average's level. The average is fed the log-norm
+      capped at mean + ``spike_zscore`` std, so one spike moves it by at most
+      ``ema_alpha * spike_zscore`` std while a lasting change of level is still learned.
+    - **vanishing**: over the last ``patience`` finite steps, the median of the deepest
+      layer's norm over the shallowest's is above ``vanish_ratio`` (or, if
+      ``vanish_floor`` is set, the shallowest's median norm is below it while the
+      deepest's is not). Shallowest and deepest are the first and last groups that have a
+      gradient, in registration order. A median over a window, rather than a run of
+      consecutive steps, lets one odd step neither trigger nor reset it.
+    - **dead**: a group that has gradients, all exactly zero, for ``dead_patience``
+      consecutive finite steps (max |g| is exact, so float32 underflow of a norm cannot
+      fake it).
+
+    The defaults come from measurements on healthy and broken models (see the README's
+    "How the defaults were chosen").
 
     Args:
         max_norm: absolute ceiling on the total norm (``None``: none).
         spike_zscore: z-score of log-norm that counts as a spike (``None``: no spike rule).
+        spike_min_ratio: a spike must also be this many times the moving level (``None``:
+            no such guard).
         ema_alpha: weight of the newest step in the moving mean/variance, in (0, 1).
         warmup_steps: finite steps before the spike rule is armed.
-        vanish_ratio: deepest/shallowest norm ratio that counts as vanishing (``None``: off).
-        vanish_floor: absolute floor for the shallowest layer (``None``: off).
-        patience: consecutive steps a vanishing or dead condition must hold.
+        vanish_ratio: median deepest/shallowest norm ratio that counts as vanishing
+            (``None``: off).
+        vanish_floor: absolute floor for the shallowest layer's median norm (``None``: off).
+        patience: the window, in finite steps, of the vanishing medians.
+        dead_patience: consecutive all-zero steps that make a layer dead.
         max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
         min_loss_scale: fp16 loss scale below which overflow counts as a failure.
     """
@@ -151,23 +162,27 @@ class HealthDetector:
     def __init__(
         self,
         *,
-        max_norm: float | None = 1e4,
-        spike_zscore: float | None = 6.0,
+        max_norm: float | None = 1e6,
+        spike_zscore: float | None = 8.0,
+        spike_min_ratio: float | None = 50.0,
         ema_alpha: float = 0.05,
-        warmup_steps: int = 50,
-        vanish_ratio: float | None = 1e4,
-        vanish_floor: float | None = 1e-10,
+        warmup_steps: int = 20,
+        vanish_ratio: float | None = 1e3,
+        vanish_floor: float | None = None,
         patience: int = 20,
+        dead_patience: int = 10,
         max_consecutive_overflows: int = 20,
         min_loss_scale: float = 1.0,
     ) -> None:
         self.max_norm = max_norm
         self.spike_zscore = spike_zscore
+        self.spike_min_ratio = spike_min_ratio
         self.ema_alpha = ema_alpha
         self.warmup_steps = warmup_steps
         self.vanish_ratio = vanish_ratio
         self.vanish_floor = vanish_floor
         self.patience = patience
+        self.dead_patience = dead_patience
         self.max_consecutive_overflows = max_consecutive_overflows
         self.min_loss_scale = min_loss_scale
         self._state: dict[str, Tensor] = {}
@@ -187,7 +202,9 @@ class HealthDetector:
                 "count": zeros.clone(),
                 "mean": zeros.clone(),
                 "var": zeros.clone(),
-                "vanish_run": zeros.clone(),
+                "vanish_seen": zeros.clone(),
+                "shallow_ring": torch.full((self.patience,), math.nan, device=device),
+                "deep_ring": torch.full((self.patience,), math.nan, device=device),
                 "overflow_run": zeros.clone(),
                 "dead_run": torch.zeros(num_groups, dtype=torch.float32, device=device),
             }
@@ -254,12 +271,15 @@ class HealthDetector:
 
         # --- exploding: ceiling and spike of log-norm against a moving mean/variance
         log_total = torch.log(total.clamp_min(1e-38))
-        std = st["var"].clamp_min(0).sqrt()
-        z = (log_total - st["mean"]) / std.clamp_min(1e-3)
+        std = st["var"].clamp_min(0.1).sqrt()
+        z = (log_total - st["mean"]) / std
         armed = st["count"] >= self.warmup_steps
         exploding = torch.zeros((), dtype=torch.bool, device=device)
         if self.spike_zscore is not None:
-            exploding = exploding | (armed & (z > self.spike_zscore))
+            spike = armed & (z > self.spike_zscore)
+            if self.spike_min_ratio is not None:
+                spike = spike & (log_total - st["mean"] >= math.log(self.spike_min_ratio))
+            exploding = exploding | spike
         if self.max_norm is not None:
             exploding = exploding | (total > self.max_norm)
         exploding = exploding & finite
@@ -275,21 +295,29 @@ class HealthDetector:
         st["var"] = torch.where(finite, new_var, st["var"])
         st["count"] = st["count"] + finite.float()
 
-        # --- vanishing: deepest vs shallowest layer that has a gradient
+        # --- vanishing: medians over a window of the deepest and shallowest layers that
+        # have a gradient
         present = [i for i, p in enumerate(stats.present) if p]
         ratio = torch.full((), math.nan, device=device)
-        vanishing_now = torch.zeros((), dtype=torch.bool, device=device)
+        vanishing = torch.zeros((), dtype=torch.bool, device=device)
         if len(present) >= 2:
-            shallow, deep = norms[present[0]], norms[present[-1]]
-            ratio = deep / shallow
+            log_shallow = torch.log(norms[present[0]].clamp_min(1e-38))
+            log_deep = torch.log(norms[present[-1]].clamp_min(1e-38))
+            slot = (st["vanish_seen"] % self.patience).long().view(1)
+            shallow_ring = st["shallow_ring"].index_copy(0, slot, log_shallow.view(1))
+            deep_ring = st["deep_ring"].index_copy(0, slot, log_deep.view(1))
+            st["shallow_ring"] = torch.where(finite, shallow_ring, st["shallow_ring"])
+            st["deep_ring"] = torch.where(finite, deep_ring, st["deep_ring"])
+            st["vanish_seen"] = st["vanish_seen"] + finite.float()
+            full = st["vanish_seen"] >= self.patience
+            log_ratio = (st["deep_ring"] - st["shallow_ring"]).nanmedian()
+            ratio = torch.exp(log_ratio)
             if self.vanish_ratio is not None:
-                vanishing_now = vanishing_now | (ratio > self.vanish_ratio)
+                vanishing = vanishing | (full & (log_ratio > math.log(self.vanish_ratio)))
             if self.vanish_floor is not None:
-                vanishing_now = vanishing_now | ((shallow < self.vanish_floor) & (deep >= self.vanish_floor))
-        vanish_run = torch.where(finite & vanishing_now, st["vanish_run"] + 1, zero)
-        vanish_run = torch.where(finite, vanish_run, st["vanish_run"])
-        st["vanish_run"] = vanish_run
-        vanishing = vanish_run >= self.patience
+                floor = math.log(self.vanish_floor)
+                low = (st["shallow_ring"].nanmedian() < floor) & (st["deep_ring"].nanmedian() >= floor)
+                vanishing = vanishing | (full & low)
 
         # --- dead: all-zero gradient in a group that has gradients
         key = (stats.present, device)
@@ -300,7 +328,7 @@ class HealthDetector:
         dead_run = torch.where(zero_now, st["dead_run"] + 1, torch.zeros_like(st["dead_run"]))
         dead_run = torch.where(finite, dead_run, st["dead_run"])
         st["dead_run"] = dead_run
-        dead = (dead_run >= self.patience).any()
+        dead = (dead_run >= self.dead_patience).any()
 
         return torch.stack(
             [
@@ -317,8 +345,8 @@ class HealthDetector:
         )
 
     def dead_groups(self) -> Tensor:
-        """Per group, whether it has been all-zero for ``patience`` steps (device bool)."""
-        return self._state["dead_run"] >= self.patience if self._state else torch.zeros(0, dtype=torch.bool)
+        """Per group, whether it has been all-zero for ``dead_patience`` steps (device bool)."""
+        return self._state["dead_run"] >= self.dead_patience if self._state else torch.zeros(0, dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------------------
@@ -475,7 +503,7 @@ def build_finding(
         if detector.max_norm is not None and total > detector.max_norm:
             parts.append(f"above the ceiling max_norm={detector.max_norm:g}")
         if math.isfinite(z) and detector.spike_zscore is not None and z > detector.spike_zscore:
-            parts.append(f"{z:.1f} standard deviations above the run's recent log-norm")
+            parts.append(f"a spike {z:.1f} standard deviations above the run's recent log-norm")
             zscore = z
         summary = ", ".join(parts)
     elif kind == "vanishing":
@@ -487,14 +515,16 @@ def build_finding(
         layers = [(n, v) for n, v in _layers_below(host, limit) if n in names] or [
             (names[0], host.group_norms[names[0]])
         ]
+        shallow = host.group_norms[names[0]]
+        now = deep / shallow if shallow > 0 else math.inf
         summary = (
-            f"the shallowest layer's gradient is {ratio:.3g}x smaller than the deepest's "
-            f"({names[0]}: {host.group_norms[names[0]]:.3g} vs {names[-1]}: {deep:.3g}) "
-            f"for {detector.patience} steps in a row"
+            f"the shallowest layer's gradient is {now:.3g}x smaller than the deepest's "
+            f"({names[0]}: {shallow:.3g} vs {names[-1]}: {deep:.3g}; median over the last "
+            f"{detector.patience} steps: {ratio:.3g}x)"
         )
     elif kind == "dead":
         layers = [(n, host.group_norms[n]) for n, d in zip(host.group_norms, dead_groups) if d]
-        summary = f"{len(layers)} layer(s) received an all-zero gradient for {detector.patience} steps in a row"
+        summary = f"{len(layers)} layer(s) received an all-zero gradient for {detector.dead_patience} steps in a row"
     else:  # pragma: no cover - guarded by KINDS
         raise ValueError(f"unknown kind {kind!r}")
     return Finding(

@@ -153,7 +153,8 @@ def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
         threshold = threshold.to(device=norm.device, dtype=torch.float32)
     ratio = threshold / norm.clamp_min(torch.finfo(torch.float32).tiny)  # a float stays a scalar: no copy
     coef = ratio.clamp(max=1.0)
-    return torch.where(torch.isfinite(norm) & ~torch.isnan(coef), coef, torch.ones_like(coef))
+    keep = torch.isfinite(norm) & (norm > 0) & ~torch.isnan(coef)
+    return torch.where(keep, coef, torch.ones_like(coef))
 
 
 def _buckets(tensors: Iterable[Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
@@ -269,11 +270,13 @@ class LearnedThreshold:
     (:meth:`observe`). This class adds what every learned rule needs:
 
     - **warm-up**: while fewer than ``warmup_steps`` norms were observed, the threshold is
-      ``max_norm`` (a fixed ceiling) or infinite (no clipping) when ``max_norm`` is ``None``;
+      ``warmup_max_norm`` (a fixed ceiling), or infinite (no clipping) when that is ``None``;
+      the statistics learn from the raw norms meanwhile;
     - **floor**: the threshold never goes below ``min_norm``;
     - **ceiling**: the threshold never goes above ``max_norm``.
 
-    So after warm-up ``threshold = min(max(raw, min_norm), max_norm)``.
+    So during warm-up ``threshold = min(warmup_max_norm, max_norm)`` and afterwards
+    ``threshold = min(max(raw, min_norm), max_norm)`` (a ``None`` bound is left out).
 
     The state is a few tensors on one device (created on ``device``, moved by
     :meth:`to`); :meth:`state_dict` returns CPU copies and :meth:`load_state_dict` copies
@@ -281,7 +284,8 @@ class LearnedThreshold:
 
     Args:
         warmup_steps: observed norms needed before the learned value is used, >= 0.
-        max_norm: absolute ceiling (and the warm-up threshold), or ``None``.
+        warmup_max_norm: the threshold during warm-up, or ``None`` (no clipping then).
+        max_norm: absolute ceiling, at all times, or ``None``.
         min_norm: floor, or ``None``.
         device: where the state lives.
     """
@@ -290,16 +294,19 @@ class LearnedThreshold:
         self,
         *,
         warmup_steps: int = 0,
+        warmup_max_norm: float | None = None,
         max_norm: float | None = None,
         min_norm: float | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         check_number("warmup_steps", warmup_steps, low=0, low_inclusive=True, integer=True)
+        check_number("warmup_max_norm", warmup_max_norm, low=0.0, allow_none=True)
         check_number("max_norm", max_norm, low=0.0, allow_none=True)
         check_number("min_norm", min_norm, low=0.0, allow_none=True)
         if max_norm is not None and min_norm is not None and min_norm > max_norm:
             raise ValueError(f"`min_norm` ({min_norm!r}) must not exceed `max_norm` ({max_norm!r}).")
         self.warmup_steps = warmup_steps
+        self.warmup_max_norm = warmup_max_norm
         self.max_norm = max_norm
         self.min_norm = min_norm
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -337,13 +344,17 @@ class LearnedThreshold:
         value = self.raw()
         if self.min_norm is not None:
             value = value.clamp(min=self.min_norm)
-        ceiling = _INF if self.max_norm is None else self.max_norm
         if self.max_norm is not None:
-            value = value.clamp(max=ceiling)
+            value = value.clamp(max=self.max_norm)
         if self.warmup_steps:
-            warm = torch.full_like(value, ceiling)
-            value = torch.where(self.seen < self.warmup_steps, warm, value)
+            bounds = [b for b in (self.warmup_max_norm, self.max_norm) if b is not None]
+            warm = torch.full_like(value, min(bounds, default=_INF))
+            value = torch.where(self.in_warmup(), warm, value)
         return value
+
+    def in_warmup(self) -> Tensor:
+        """0-dim bool device tensor: fewer than ``warmup_steps`` norms observed so far."""
+        return self.seen < self.warmup_steps
 
     def to(self, device: torch.device | str) -> LearnedThreshold:
         """Move the state to ``device`` (in place); returns ``self``."""
@@ -387,7 +398,7 @@ class PercentileThreshold(LearnedThreshold):
     Args:
         percentile: p in (0, 100]; 100 is the largest recent norm.
         window: ring-buffer size, >= 1.
-        warmup_steps, max_norm, min_norm, device: see :class:`LearnedThreshold`.
+        warmup_steps, warmup_max_norm, max_norm, min_norm, device: see :class:`LearnedThreshold`.
 
     Example:
         >>> rule = PercentileThreshold(percentile=50.0, window=3)
@@ -403,13 +414,20 @@ class PercentileThreshold(LearnedThreshold):
         percentile: float = 10.0,
         window: int = 1000,
         warmup_steps: int = 0,
+        warmup_max_norm: float | None = None,
         max_norm: float | None = None,
         min_norm: float | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         check_number("percentile", percentile, low=0.0, high=100.0)
         check_number("window", window, low=1, low_inclusive=True, integer=True)
-        super().__init__(warmup_steps=warmup_steps, max_norm=max_norm, min_norm=min_norm, device=device)
+        super().__init__(
+            warmup_steps=warmup_steps,
+            warmup_max_norm=warmup_max_norm,
+            max_norm=max_norm,
+            min_norm=min_norm,
+            device=device,
+        )
         self.percentile = float(percentile)
         self.window = window
         #: the last ``window`` accepted norms; ``inf`` marks an empty slot
@@ -455,13 +473,14 @@ class ZScoreThreshold(LearnedThreshold):
     threshold (unlike ZClip's default ``adaptive_scaling``, larger outliers are not pulled
     further down). What enters the statistics is the norm after clipping,
     ``min(norm, threshold)``, so an outlier cannot inflate the mean and variance that
-    judge the next one; non-finite norms never enter, and an update that would make the
-    mean or variance non-finite is refused.
+    judge the next one, except during warm-up, when the raw norm enters (a warm-up
+    ceiling must not become what the statistics learn); non-finite norms never enter,
+    and an update that would make the mean or variance non-finite is refused.
 
     Args:
         z_threshold: z, the number of standard deviations tolerated, > 0.
         ema_decay: decay of the moving averages, in (0, 1) (ZClip's ``alpha``).
-        warmup_steps, max_norm, min_norm, device: see :class:`LearnedThreshold`.
+        warmup_steps, warmup_max_norm, max_norm, min_norm, device: see :class:`LearnedThreshold`.
 
     Example:
         >>> rule = ZScoreThreshold(z_threshold=2.0, ema_decay=0.9)
@@ -477,13 +496,20 @@ class ZScoreThreshold(LearnedThreshold):
         z_threshold: float = 2.5,
         ema_decay: float = 0.97,
         warmup_steps: int = 0,
+        warmup_max_norm: float | None = None,
         max_norm: float | None = None,
         min_norm: float | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         check_number("z_threshold", z_threshold, low=0.0)
         check_number("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
-        super().__init__(warmup_steps=warmup_steps, max_norm=max_norm, min_norm=min_norm, device=device)
+        super().__init__(
+            warmup_steps=warmup_steps,
+            warmup_max_norm=warmup_max_norm,
+            max_norm=max_norm,
+            min_norm=min_norm,
+            device=device,
+        )
         self.z_threshold = float(z_threshold)
         self.ema_decay = float(ema_decay)
         self.mean = torch.zeros((), dtype=torch.float32, device=self.seen.device)
@@ -501,15 +527,16 @@ class ZScoreThreshold(LearnedThreshold):
         return torch.where(self.seen > 0, value, torch.full_like(value, _INF))
 
     def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
-        x = norm.to(device=self.device, dtype=torch.float32)
-        if threshold is not None:
-            x = torch.minimum(x, threshold.to(self.device))
+        norm = norm.to(device=self.device, dtype=torch.float32)
+        x = norm
+        if threshold is not None:  # after warm-up the clipped norm enters, during it the raw one
+            x = torch.where(self.in_warmup(), norm, torch.minimum(norm, threshold.to(self.device)))
         n = (self.seen + 1).to(torch.float32)
         weight = n.reciprocal().clamp(min=1.0 - self.ema_decay)
         d = x - self.mean
         mean = self.mean + weight * d
         var = (1.0 - weight) * (self.var + weight * d * d)
-        ok = accept.to(self.device) & torch.isfinite(x) & torch.isfinite(mean) & torch.isfinite(var)
+        ok = accept.to(self.device) & torch.isfinite(norm) & torch.isfinite(mean) & torch.isfinite(var)
         self.mean.copy_(torch.where(ok, mean, self.mean))
         self.var.copy_(torch.where(ok, var, self.var))
         self.seen.add_(ok.to(torch.int64))

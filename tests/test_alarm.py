@@ -80,7 +80,7 @@ def test_dead_layer_is_reported(tmp_path):
             h = self.net[2](h) * 0.0  # the layer's output is multiplied away: exact-zero gradient
             return self.net[6](torch.tanh(self.net[4](torch.tanh(h) + x.sum(1, keepdim=True))))
 
-    alarm = VanishExplodeAlarm(patience=5, vanish_ratio=None, vanish_floor=None)
+    alarm = VanishExplodeAlarm(dead_patience=5, vanish_ratio=None)
     with pytest.warns(UserWarning, match="dead gradients"):
         _fit(tmp_path, DeadMiddle(), loader(), [alarm], max_steps=8)
     finding = next(f for f in alarm.findings if f.kind == "dead")
@@ -307,6 +307,8 @@ def test_works_beside_the_logger_sharing_one_snapshot(tmp_path):
         ({"vanish_ratio": 0.5}, "vanish_ratio"),
         ({"vanish_floor": math.inf}, "vanish_floor"),
         ({"patience": 0}, "patience"),
+        ({"dead_patience": 1.5}, "dead_patience"),
+        ({"spike_min_ratio": -3}, "spike_min_ratio"),
         ({"max_consecutive_overflows": 0}, "max_consecutive_overflows"),
         ({"group_by": "nope"}, "group_by"),
         ({"dump_dir": 3}, "dump_dir"),

@@ -31,9 +31,9 @@ from lightning_gradguard.stats import ParamSet, tensor_stats
 MODE_ARGS: dict[str, tuple[str, ...]] = {
     "norm": ("max_norm",),
     "value": ("clip_value",),
-    "percentile": ("percentile", "window", "warmup_steps", "max_norm", "min_norm", "skip_factor"),
-    "zscore": ("z_threshold", "ema_decay", "warmup_steps", "max_norm", "min_norm", "skip_factor"),
-    "agc": ("agc_clipping", "agc_eps", "agc_exclude", "warmup_steps", "max_norm"),
+    "percentile": ("percentile", "window", "warmup_steps", "warmup_max_norm", "max_norm", "min_norm", "skip_factor"),
+    "zscore": ("z_threshold", "ema_decay", "warmup_steps", "warmup_max_norm", "max_norm", "min_norm", "skip_factor"),
+    "agc": ("agc_clipping", "agc_eps", "agc_exclude", "warmup_steps", "warmup_max_norm", "max_norm"),
 }
 #: Defaults of the mode-specific arguments left at ``None``.
 DEFAULTS: dict[str, Any] = {
@@ -66,6 +66,7 @@ _ARG_NAMES = (
     "agc_eps",
     "agc_exclude",
     "warmup_steps",
+    "warmup_max_norm",
     "min_norm",
     "skip_factor",
 )
@@ -99,13 +100,14 @@ class AdaptiveClipper(GradGuardCallback):
       ``agc_clipping`` times its weight norm (floored at ``agc_eps``); parameters whose
       name matches a pattern of ``agc_exclude`` (e.g. the final classifier) are left alone.
 
-    The learned modes (``percentile``, ``zscore``) do not clip during warm-up (until
-    ``warmup_steps`` norms were recorded) unless ``max_norm`` is given, which then serves as
-    the warm-up threshold and as an absolute ceiling ever after; ``min_norm`` is a floor;
-    with ``skip_factor=k`` a step whose norm exceeds ``k`` times the threshold is skipped
-    altogether (its gradients are dropped so the optimizer does not update, as large
-    language model training does on loss spikes). ``agc`` accepts ``warmup_steps`` (no AGC
-    during the first optimizer steps) and ``max_norm`` (a total-norm ceiling after AGC).
+    Options of the learned modes (``percentile``, ``zscore``): until ``warmup_steps`` norms
+    were recorded the threshold is ``warmup_max_norm`` (``None``: no clipping during warm-up;
+    a model that explodes within its first steps needs a value here); ``max_norm`` is an
+    absolute ceiling at all times; ``min_norm`` is a floor; with ``skip_factor=k`` a step
+    whose norm exceeds ``k`` times the threshold is skipped altogether (its gradients are
+    dropped, so the optimizer does not update, as large language model training does on
+    loss spikes). ``agc`` accepts ``warmup_steps`` (optimizer steps without AGC, clipped to
+    ``warmup_max_norm`` if given) and ``max_norm`` (a total-norm ceiling after AGC).
 
     Every decision uses the shared gradient snapshot (the unscaled, pre-clip norms the
     other gradguard callbacks see), so the clipper computes no norm of its own, and works
@@ -138,9 +140,10 @@ class AdaptiveClipper(GradGuardCallback):
     ``trainer.global_step``; with several optimizers ``opt<i>/`` follows ``clip/``):
 
     ==========================  ==============================================================
-    ``clip/threshold``          the total-norm threshold in force (``inf`` during a warm-up
-                                without ``max_norm``); the element bound in ``value`` mode;
-                                in ``agc`` mode only with ``max_norm`` (then it is that)
+    ``clip/threshold``          the total-norm threshold in force (``inf`` when nothing
+                                bounds it, e.g. during a warm-up without ``warmup_max_norm``);
+                                the element bound in ``value`` mode; in ``agc`` mode only with
+                                ``max_norm`` or during a warm-up with ``warmup_max_norm``
     ``clip/pre_norm``           total gradient norm before clipping (unscaled)
     ``clip/post_norm``          total norm after clipping (``pre_norm * coef``; 0 on a skipped step)
     ``clip/coef``               ``post_norm / pre_norm`` (1: untouched; 0: step skipped)
@@ -153,19 +156,21 @@ class AdaptiveClipper(GradGuardCallback):
     Args:
         mode: ``"norm"``, ``"value"``, ``"percentile"``, ``"zscore"`` (default) or ``"agc"``.
         max_norm: ``norm``: the ceiling (required). ``percentile``/``zscore``/``agc``: an
-            optional absolute ceiling on the total norm, also used during warm-up.
+            optional absolute ceiling on the total norm, at all times.
         clip_value: ``value``: the bound on every element (required).
         percentile: ``percentile``: p in (0, 100]; default 10 (AutoClip's recommendation).
         window: ``percentile``: number of recent norms kept; default 1000.
         z_threshold: ``zscore``: standard deviations above the mean tolerated; default 2.5.
         ema_decay: ``zscore``: decay of the running mean/variance in (0, 1); default 0.97.
         agc_clipping: ``agc``: largest gradient/weight norm ratio per unit; default 0.01
-            (the paper's value for large batches; small batches usually want 0.05-0.16).
+            (the paper's value for its batch-4096 runs; it finds that larger batches need
+            smaller values).
         agc_eps: ``agc``: floor of the weight norm; default 1e-3.
         agc_exclude: ``agc``: regular expressions searched in parameter names; matching
             parameters are not clipped (e.g. ``[r"^classifier\."]``).
         warmup_steps: learned modes: norms recorded before the learned threshold is used
             (default 25); ``agc``: optimizer steps without AGC (default 0).
+        warmup_max_norm: the total-norm threshold during warm-up; ``None``: no clipping then.
         min_norm: learned modes: floor of the threshold.
         skip_factor: learned modes: skip the step when its norm exceeds ``skip_factor``
             times the threshold; > 1. Skipped steps do not enter the statistics.
@@ -180,8 +185,11 @@ class AdaptiveClipper(GradGuardCallback):
         from lightning.pytorch import Trainer
         from lightning_gradguard import AdaptiveClipper
 
-        # clip outliers above mean + 2.5 std, skip steps 10x above that, never exceed 5.0
-        trainer = Trainer(callbacks=[AdaptiveClipper(mode="zscore", skip_factor=10.0, max_norm=5.0)])
+        # clip outliers above mean + 2.5 std, skip steps 10x above that, never exceed 5.0,
+        # and clip at 1.0 for the first 25 steps, while the statistics warm up
+        trainer = Trainer(
+            callbacks=[AdaptiveClipper(mode="zscore", skip_factor=10.0, max_norm=5.0, warmup_max_norm=1.0)]
+        )
 
         # AutoClip: clip to the 10th percentile of the last 1000 norms
         trainer = Trainer(callbacks=[AdaptiveClipper(mode="percentile", percentile=10.0)])
@@ -204,6 +212,7 @@ class AdaptiveClipper(GradGuardCallback):
         agc_eps: float | None = None,
         agc_exclude: Sequence[str] | None = None,
         warmup_steps: int | None = None,
+        warmup_max_norm: float | None = None,
         min_norm: float | None = None,
         skip_factor: float | None = None,
         log_every_n_steps: int | None = None,
@@ -220,6 +229,7 @@ class AdaptiveClipper(GradGuardCallback):
             "agc_eps": agc_eps,
             "agc_exclude": agc_exclude,
             "warmup_steps": warmup_steps,
+            "warmup_max_norm": warmup_max_norm,
             "min_norm": min_norm,
             "skip_factor": skip_factor,
         }
@@ -250,6 +260,7 @@ class AdaptiveClipper(GradGuardCallback):
         check_number("agc_eps", resolved["agc_eps"], low=0.0, allow_none=True)
         compile_patterns("agc_exclude", resolved["agc_exclude"])
         check_number("warmup_steps", resolved["warmup_steps"], low=0, low_inclusive=True, integer=True, allow_none=True)
+        check_number("warmup_max_norm", resolved["warmup_max_norm"], low=0.0, allow_none=True)
         check_number("min_norm", resolved["min_norm"], low=0.0, allow_none=True)
         check_number("skip_factor", resolved["skip_factor"], low=1.0, allow_none=True)
         if resolved["min_norm"] is not None and resolved["max_norm"] is not None:
@@ -270,6 +281,7 @@ class AdaptiveClipper(GradGuardCallback):
         self.agc_eps: float | None = resolved["agc_eps"]
         self.agc_exclude: list[str] | None = None if agc_exclude is None else list(agc_exclude)
         self.warmup_steps: int | None = resolved["warmup_steps"]
+        self.warmup_max_norm: float | None = None if warmup_max_norm is None else float(warmup_max_norm)
         self.min_norm: float | None = None if min_norm is None else float(min_norm)
         self.skip_factor: float | None = None if skip_factor is None else float(skip_factor)
         self.log_every_n_steps = log_every_n_steps
@@ -397,10 +409,12 @@ class AdaptiveClipper(GradGuardCallback):
     ) -> tuple[Tensor, float | None, Tensor | None]:
         pre = snap.total_norm
         device = pre.device
-        threshold = self.max_norm
         clipped = torch.zeros((), dtype=torch.bool, device=device)
         inv = None if snap.scale is None else snap.scale.reciprocal()
         warm = state.steps <= (self.warmup_steps or 0)
+        threshold = self.max_norm
+        if warm and self.warmup_max_norm is not None:
+            threshold = min(self.warmup_max_norm, self.max_norm or self.warmup_max_norm)
         mid: Tensor | None = pre
         if not warm:
             plan = self._agc_plan(idx, snap.params)
@@ -452,7 +466,13 @@ class AdaptiveClipper(GradGuardCallback):
     def _rule(self, idx: int, device: torch.device) -> LearnedThreshold:
         rule = self._rules.get(idx)
         if rule is None:
-            common = dict(warmup_steps=self.warmup_steps, max_norm=self.max_norm, min_norm=self.min_norm, device=device)
+            common = dict(
+                warmup_steps=self.warmup_steps,
+                warmup_max_norm=self.warmup_max_norm,
+                max_norm=self.max_norm,
+                min_norm=self.min_norm,
+                device=device,
+            )
             if self.mode == "percentile":
                 rule = PercentileThreshold(percentile=self.percentile, window=self.window, **common)
             else:

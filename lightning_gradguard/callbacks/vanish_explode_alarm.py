@@ -47,12 +47,13 @@ class VanishExplodeAlarm(GradGuardCallback):
       ``GradScaler`` a lone overflow is normal (the scaler skips the step and lowers the
       scale): it is counted as ``overflow``, and becomes non-finite only when it repeats
       ``max_consecutive_overflows`` times in a row or the scale falls below ``min_loss_scale``.
-    - **exploding**: total norm above ``max_norm``, or a spike ``spike_zscore`` standard
-      deviations above the run's own moving log-norm (after ``warmup_steps``).
-    - **vanishing**: the deepest layer's gradient more than ``vanish_ratio`` times the
-      shallowest's (or the shallowest below ``vanish_floor`` while the deepest is not), for
-      ``patience`` steps in a row.
-    - **dead**: a layer whose gradient is exactly zero for ``patience`` steps in a row.
+    - **exploding**: total norm above ``max_norm``, or a spike: ``spike_zscore`` standard
+      deviations above the run's own moving log-norm *and* ``spike_min_ratio`` times its
+      level (after ``warmup_steps``).
+    - **vanishing**: over the last ``patience`` steps, the median ratio of the deepest
+      layer's gradient norm to the shallowest's is above ``vanish_ratio`` (optionally: the
+      shallowest's median below ``vanish_floor`` while the deepest's is not).
+    - **dead**: a layer whose gradient is exactly zero for ``dead_patience`` steps in a row.
 
     Each kind has an action: ``"warn"``, ``"skip"`` (warn and skip this optimizer step),
     ``"stop"`` (skip, then stop training gracefully after the batch) or ``"raise"`` (skip,
@@ -78,13 +79,18 @@ class VanishExplodeAlarm(GradGuardCallback):
         vanish_action: action for vanishing gradients (default ``"warn"``).
         dead_action: action for dead layers (default ``"warn"``).
         max_norm: absolute ceiling on the total gradient norm; ``None`` disables it.
-        spike_zscore: z-score of log(total norm) that counts as a spike; ``None`` disables it.
+        spike_zscore: z-score of log(total norm) that counts as a spike; ``None`` disables
+            the spike rule.
+        spike_min_ratio: a spike must also be this many times the moving norm level;
+            ``None`` drops this guard.
         ema_alpha: weight of the newest step in the moving log-norm mean/variance, in (0, 1).
         warmup_steps: finite steps before the spike rule is armed.
-        vanish_ratio: deepest/shallowest gradient-norm ratio that counts as vanishing;
-            ``None`` disables it.
-        vanish_floor: absolute floor for the shallowest layer; ``None`` disables it.
-        patience: consecutive steps a vanishing or dead condition must hold.
+        vanish_ratio: median deepest/shallowest gradient-norm ratio that counts as
+            vanishing; ``None`` disables it.
+        vanish_floor: absolute floor for the shallowest layer's median norm; ``None``
+            (default) disables it: a converged model is small everywhere without vanishing.
+        patience: the window, in steps, of the vanishing medians.
+        dead_patience: steps in a row of an exactly-zero gradient that make a layer dead.
         max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
         min_loss_scale: fp16 loss scale below which overflow counts as a failure.
         episode_gap: quiet steps that end an episode (and re-arm its warning).
@@ -113,13 +119,15 @@ class VanishExplodeAlarm(GradGuardCallback):
         explode_action: str = "warn",
         vanish_action: str = "warn",
         dead_action: str = "warn",
-        max_norm: float | None = 1e4,
-        spike_zscore: float | None = 6.0,
+        max_norm: float | None = 1e6,
+        spike_zscore: float | None = 8.0,
+        spike_min_ratio: float | None = 50.0,
         ema_alpha: float = 0.05,
-        warmup_steps: int = 50,
-        vanish_ratio: float | None = 1e4,
-        vanish_floor: float | None = 1e-10,
+        warmup_steps: int = 20,
+        vanish_ratio: float | None = 1e3,
+        vanish_floor: float | None = None,
         patience: int = 20,
+        dead_patience: int = 10,
         max_consecutive_overflows: int = 20,
         min_loss_scale: float = 1.0,
         episode_gap: int = 10,
@@ -138,6 +146,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         check_choice("dead_action", dead_action, ACTIONS)
         _check_positive("max_norm", max_norm, allow_none=True)
         _check_positive("spike_zscore", spike_zscore, allow_none=True)
+        _check_positive("spike_min_ratio", spike_min_ratio, allow_none=True)
         if isinstance(ema_alpha, bool) or not isinstance(ema_alpha, (int, float)) or not 0 < ema_alpha < 1:
             raise ValueError(f"`ema_alpha` must be a number in (0, 1), got {ema_alpha!r}.")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -147,6 +156,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             raise ValueError(f"`vanish_ratio` must be > 1 (deepest / shallowest norm), got {vanish_ratio!r}.")
         _check_positive("vanish_floor", vanish_floor, allow_none=True)
         check_positive_int("patience", patience)
+        check_positive_int("dead_patience", dead_patience)
         check_positive_int("max_consecutive_overflows", max_consecutive_overflows)
         _check_positive("min_loss_scale", min_loss_scale)
         check_positive_int("episode_gap", episode_gap)
@@ -167,11 +177,13 @@ class VanishExplodeAlarm(GradGuardCallback):
         self.detector_kwargs = dict(
             max_norm=max_norm,
             spike_zscore=spike_zscore,
+            spike_min_ratio=spike_min_ratio,
             ema_alpha=float(ema_alpha),
             warmup_steps=warmup_steps,
             vanish_ratio=vanish_ratio,
             vanish_floor=vanish_floor,
             patience=patience,
+            dead_patience=dead_patience,
             max_consecutive_overflows=max_consecutive_overflows,
             min_loss_scale=float(min_loss_scale),
         )
