@@ -322,6 +322,22 @@ def _foreach_norms(tensors: list[Tensor], ord: float) -> Tensor:
     return torch.stack(norms).to(device=device, dtype=torch.float32)
 
 
+def _foreach_max_abs(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor max |x| of same-device, same-dtype tensors, as one float32 vector.
+
+    On CUDA the foreach inf-norm kernel does it without a copy. On CPU that kernel is slow
+    (2.5 ms against 0.5 ms for the 147 gradients of the benchmark model, one thread), so
+    the CPU path takes ``abs`` into a temporary copy and a foreach max instead.
+    """
+    if tensors[0].device.type == "cpu" and hasattr(torch, "_foreach_max"):
+        try:
+            maxes = torch._foreach_max(torch._foreach_abs(tensors))
+            return torch.stack(maxes).to(torch.float32)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return _foreach_norms(tensors, math.inf)
+
+
 def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
     """Keep norms that float32 squares pushed out of range meaningful.
 
@@ -421,7 +437,7 @@ def tensor_stats(
     for key, (ts, idx) in buckets.items():
         index, sizes = _bucket_index(cache, key, device, idx, ts)
         norms.index_copy_(0, index, _foreach_norms(ts, 2.0).to(device))
-        maxes.index_copy_(0, index, _foreach_norms(ts, math.inf).to(device))
+        maxes.index_copy_(0, index, _foreach_max_abs(ts).to(device))
         numel.index_copy_(0, index, sizes)
     norms = _repair_range(norms, maxes, numel)
     # Every rank must issue the same collectives in the same order, including ranks that
