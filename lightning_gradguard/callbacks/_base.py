@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_gradguard import _lightning
-from lightning_gradguard.stats import GradSnapshot
+from lightning_gradguard.stats import GradSnapshot, Grouping, ParamSet
 
 
 class GradGuardCallback(Callback):
@@ -24,6 +24,19 @@ class GradGuardCallback(Callback):
         if optimizer is not None:
             optimizer = _lightning.raw_optimizer(optimizer)
         return _lightning.shared_snapshot(trainer, pl_module, phase, optimizer)
+
+    def _grouping(self, params: ParamSet) -> Grouping:
+        """This callback's layers of ``params`` (from its ``group_by`` arguments), built once."""
+        cache: dict[int, Grouping] = self.__dict__.setdefault("_groupings", {})
+        grouping = cache.get(id(params))
+        if grouping is None or len(grouping.index) != len(params):
+            grouping = cache[id(params)] = Grouping.build(
+                params,
+                group_by=getattr(self, "group_by", "module"),
+                group_depth=getattr(self, "group_depth", None),
+                group_patterns=getattr(self, "group_patterns", None),
+            )
+        return grouping
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:

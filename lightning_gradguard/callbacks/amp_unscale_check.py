@@ -343,12 +343,8 @@ class AmpUnscaleCheck(GradGuardCallback):
         return self._state
 
     def _grouping(self, params: ParamSet) -> Grouping:
-        grouping = self._groupings.get(id(params))
-        if grouping is None:
-            grouping = Grouping.build(
-                params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=self.group_patterns
-            )
-            self._groupings[id(params)] = grouping
+        grouping = super()._grouping(params)
+        if id(grouping) not in self._group_sizes:
             sizes = [0] * len(grouping)
             for gi, p in zip(grouping.index, params.params):
                 sizes[gi] += p.numel()

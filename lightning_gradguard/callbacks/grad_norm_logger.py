@@ -203,15 +203,6 @@ class GradientNormLogger(GradGuardCallback):
     def _interval(self, trainer: pl.Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 1
 
-    def _grouping(self, params: ParamSet) -> Grouping:
-        grouping = self._groupings.get(id(params))
-        if grouping is None:
-            grouping = Grouping.build(
-                params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=self.group_patterns
-            )
-            self._groupings[id(params)] = grouping
-        return grouping
-
     def _log(
         self,
         trainer: pl.Trainer,

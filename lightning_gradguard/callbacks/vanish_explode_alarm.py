@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_gradguard import _lightning
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
 from lightning_gradguard.diagnosis import KINDS, Finding, GradientAnomalyError, HealthDetector, build_finding
-from lightning_gradguard.stats import Grouping, ParamSet, validate_grouping_args
+from lightning_gradguard.stats import Grouping, validate_grouping_args
 
 ACTIONS = ("warn", "skip", "stop", "raise")
 _STRENGTH = {"none": 0, "warn": 1, "skip": 2, "stop": 3, "raise": 4}
@@ -400,15 +400,6 @@ class VanishExplodeAlarm(GradGuardCallback):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ helpers
-
-    def _grouping(self, params: ParamSet) -> Grouping:
-        grouping = self._groupings.get(id(params))
-        if grouping is None:
-            grouping = Grouping.build(
-                params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=self.group_patterns
-            )
-            self._groupings[id(params)] = grouping
-        return grouping
 
     def _detector(self, opt_idx: int) -> HealthDetector:
         detector = self.detectors.get(opt_idx)
