@@ -268,8 +268,7 @@ class AmpUnscaleCheck(GradGuardCallback):
             for name, frac in fractions.items():
                 metrics[f"amp/zero_grad_fraction/{name}"] = frac
             self._check_underflow(fractions, loss_scale)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        _lightning.log_metrics(trainer, metrics, step)
         if loss_scale < self.min_loss_scale:
             self._warn_once(
                 "low_scale",

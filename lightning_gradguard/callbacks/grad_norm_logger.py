@@ -240,8 +240,7 @@ class GradientNormLogger(GradGuardCallback):
             if self.per_layer and self.group_by != "total":
                 for name, value in zip(grouping.names, pnorms):
                     metrics[f"param_norm/{opt_seg}{name}"] = value
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        _lightning.log_metrics(trainer, metrics, step)
 
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
@@ -271,8 +270,7 @@ class GradientNormLogger(GradGuardCallback):
         if self.per_layer and self.group_by != "total":
             for name, value in zip(grouping.names, ratios):
                 metrics[f"update_ratio/{pending.prefix}{name}"] = value
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=pending.step)
+        _lightning.log_metrics(trainer, metrics, pending.step)
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

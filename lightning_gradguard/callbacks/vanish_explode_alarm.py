@@ -278,8 +278,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             metrics[f"alarm/{seg}skipped_steps"] = float(self.skipped_steps)
             metrics[f"alarm/{seg}zscore"] = fields["zscore"]
             metrics[f"alarm/{seg}deep_shallow_ratio"] = fields["ratio"]
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            _lightning.log_metrics(trainer, metrics, step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank_zero_info(self.summary())
