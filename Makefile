@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gradguard-installed
 
-.PHONY: demo test lint bench bench-quick install clean
+.PHONY: demo test lint bench bench-clipping install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_overhead.py
+
+bench-clipping: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/bench_clipping.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache .hypothesis

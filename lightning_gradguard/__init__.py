@@ -5,16 +5,19 @@ Public API:
 - :class:`GradientNormLogger` — total and per-layer gradient norms to any Lightning logger.
 - :class:`VanishExplodeAlarm` — vanishing / exploding / dead / non-finite gradients: warn,
   skip the step, stop or raise :class:`GradientAnomalyError`.
+- :class:`AdaptiveClipper` — clipping by a fixed or learned threshold (norm, value,
+  percentile, zscore, AGC), robust to NaN steps and exact across resume.
 - :class:`AmpUnscaleCheck` — fp16 AMP: scaled-gradient misuse, loss-scale health, underflow.
 - :mod:`lightning_gradguard.stats` — the Trainer-free snapshot engine the callbacks share.
 """
 
-from lightning_gradguard.callbacks import AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm
+from lightning_gradguard.callbacks import AdaptiveClipper, AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm
 from lightning_gradguard.diagnosis import Finding, GradientAnomalyError
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AdaptiveClipper",
     "AmpUnscaleCheck",
     "Finding",
     "GradientAnomalyError",

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ __all__ = [
     "clip_by_norm_",
     "clip_by_value_",
     "clip_coefficient",
+    "filled_percentile",
     "scale_",
 ]
 
@@ -158,14 +159,20 @@ def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
 
 
 def _buckets(tensors: Iterable[Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """Local tensors grouped by (device, dtype); ``None`` dropped. A plain per-tensor loop:
+    it runs every step, so it does as little as possible per tensor."""
     out: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         if t is None:
             continue
-        local = local_tensor(t)
-        if local.numel() == 0:
-            continue
-        out.setdefault((local.device, local.dtype), []).append(local)
+        if type(t) is not Tensor:  # DTensor (or another subclass): work on the local shard
+            t = local_tensor(t)
+        key = (t.device, t.dtype)
+        group = out.get(key)
+        if group is None:
+            out[key] = [t]
+        else:
+            group.append(t)
     return out
 
 
@@ -261,6 +268,28 @@ def clip_by_value_(
 # --------------------------------------------------------------------------------------
 # Learned thresholds
 # --------------------------------------------------------------------------------------
+def filled_percentile(buffer: Tensor, count: Tensor, percentile: float) -> Tensor:
+    """The ``percentile``-th percentile of the ``count`` finite entries of ``buffer``.
+
+    Empty slots hold ``+inf``; linear interpolation between order statistics, as
+    ``numpy.percentile`` does by default. ``inf`` when ``count`` is 0. No host sync.
+
+    Example:
+        >>> filled_percentile(torch.tensor([3.0, 1.0, math.inf]), torch.tensor(2), 50.0)
+        tensor(2.)
+    """
+    ordered = torch.sort(buffer).values  # empty (inf) slots sort last
+    # rank = (count - 1) * percentile / 100 in double precision where the device has it: a
+    # rounding error in the fraction is multiplied by the gap between neighbours
+    exact = torch.float64 if buffer.device.type in ("cpu", "cuda") else torch.float32
+    scaled = (count.clamp(min=1) - 1).to(exact) * percentile
+    lo = torch.floor(scaled / 100.0)
+    frac = (scaled - lo * 100.0) / 100.0
+    below = ordered.gather(0, lo.long().view(1))
+    above = ordered.gather(0, (lo + (frac > 0).to(lo.dtype)).long().view(1))
+    # at an integer rank below == above and the weight is 0; both are finite when count >= 1
+    value = (below + frac.to(torch.float32) * (above - below)).squeeze(0)
+    return torch.where(count > 0, value, torch.full_like(value, _INF))
 
 
 class LearnedThreshold:
@@ -312,6 +341,8 @@ class LearnedThreshold:
         device = torch.device(device) if device is not None else torch.device("cpu")
         #: number of norms observed so far (int64, 0-dim)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        #: a lower bound of ``seen`` known on the host without a sync (see :meth:`note_seen`)
+        self.seen_at_least = 0
 
     # ---------------------------------------------------------------- to override
 
@@ -319,14 +350,15 @@ class LearnedThreshold:
         """The statistic of past norms (0-dim float32); ``inf`` when nothing was observed."""
         raise NotImplementedError
 
-    def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
+    def observe(self, norm: Tensor, accept: Tensor) -> None:
         """Record this step's total ``norm`` where ``accept`` (0-dim bool) is true.
 
+        Call it after :meth:`threshold` was read for the step: the step's own norm is not
+        part of the history that judges it. A non-finite ``norm`` never enters.
+
         Args:
-            norm: the pre-clip total norm of the step.
-            accept: whether the step may enter the statistics (finite, not skipped).
-            threshold: the threshold that was in force for the step (from
-                :meth:`threshold` before this call); some rules record the clipped norm.
+            norm: the pre-clip total norm of the step (0-dim tensor).
+            accept: whether the step may enter the statistics (e.g. not skipped).
         """
         raise NotImplementedError
 
@@ -339,18 +371,31 @@ class LearnedThreshold:
     def device(self) -> torch.device:
         return self.seen.device
 
-    def threshold(self) -> Tensor:
-        """The threshold in force for the next step (0-dim float32 device tensor)."""
+    def learned(self) -> Tensor:
+        """The learned threshold with floor and ceiling, ignoring warm-up (0-dim float32)."""
         value = self.raw()
         if self.min_norm is not None:
             value = value.clamp(min=self.min_norm)
         if self.max_norm is not None:
             value = value.clamp(max=self.max_norm)
+        return value
+
+    def threshold(self) -> Tensor:
+        """The threshold in force for the next step (0-dim float32 device tensor)."""
+        value = self.learned()
         if self.warmup_steps:
             bounds = [b for b in (self.warmup_max_norm, self.max_norm) if b is not None]
             warm = torch.full_like(value, min(bounds, default=_INF))
             value = torch.where(self.in_warmup(), warm, value)
         return value
+
+    def note_seen(self, seen: int) -> None:
+        """Tell the rule the value of :attr:`seen`, read on the host anyway (e.g. when logging).
+
+        Rules may then skip work that can no longer matter (the z-score start phase). It
+        never changes a result.
+        """
+        self.seen_at_least = max(self.seen_at_least, int(seen))
 
     def in_warmup(self) -> Tensor:
         """0-dim bool device tensor: fewer than ``warmup_steps`` norms observed so far."""
@@ -382,6 +427,7 @@ class LearnedThreshold:
                     f"expected {tuple(t.shape)}."
                 )
             t.copy_(value.to(device=t.device, dtype=t.dtype))
+        self.seen_at_least = int(torch.as_tensor(state["seen"]))
 
 
 class PercentileThreshold(LearnedThreshold):
@@ -437,17 +483,9 @@ class PercentileThreshold(LearnedThreshold):
         return {"seen": self.seen, "buffer": self.buffer}
 
     def raw(self) -> Tensor:
-        count = self.seen.clamp(max=self.window)
-        ordered = torch.sort(self.buffer).values  # empty (inf) slots sort last
-        rank = (count.clamp(min=1) - 1).to(torch.float32) * (self.percentile / 100.0)
-        lo = rank.floor()
-        below = ordered.gather(0, lo.long().view(1))
-        above = ordered.gather(0, rank.ceil().long().view(1))
-        # at an integer rank, below == above and the weight is 0; never inf * 0 (count >= 1)
-        value = (below + (rank - lo) * (above - below)).squeeze(0)
-        return torch.where(count > 0, value, torch.full_like(value, _INF))
+        return filled_percentile(self.buffer, self.seen.clamp(max=self.window), self.percentile)
 
-    def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
+    def observe(self, norm: Tensor, accept: Tensor) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32).reshape(1)
         ok = (accept.to(self.device) & torch.isfinite(norm)).reshape(1)
         pos = (self.seen % self.window).view(1)
@@ -459,23 +497,35 @@ class PercentileThreshold(LearnedThreshold):
 class ZScoreThreshold(LearnedThreshold):
     """A running mean/std rule in the spirit of ZClip: clip norms above ``mean + z * std``.
 
-    The exact rule. Let ``x_1, x_2, ...`` be the norms that entered the statistics (see
-    below) and ``n`` their count. With ``a_n = max(1/n, 1 - ema_decay)``::
+    The exact rule, over the norms that enter the statistics (finite, accepted):
 
-        d   = x_n - mean
-        mean <- mean + a_n * d
-        var  <- (1 - a_n) * (var + a_n * d**2)
+    1. **Start.** The first ``K = max(warmup_steps, 2)`` norms are kept as they are. Once
+       ``K`` are in, the statistics start from their median and their scaled median
+       absolute deviation: ``mean = median``, ``var = (1.4826 * MAD)**2``. Robust
+       statistics, so that a spike among the very first steps (when nothing can judge
+       it yet) does not inflate the threshold for the rest of the run.
+    2. **Threshold.** After the start, the learned threshold is
+       ``mean + z_threshold * sqrt(var)`` of the norms *before* the step, then floor,
+       ceiling and warm-up as in :class:`LearnedThreshold` (before the start is complete
+       there is no learned value: the threshold is the warm-up one, or infinite). A norm
+       above the threshold is scaled down to exactly the threshold; unlike ZClip's
+       default ``adaptive_scaling``, larger outliers are not pulled further down.
+    3. **Update.** The norm *winsorized* at the learned threshold,
+       ``x = min(norm, threshold)``, enters an exponentially weighted mean and variance::
 
-    For the first ``1 / (1 - ema_decay)`` entries this is the exact running mean and
-    (population) variance; afterwards it is an exponential moving average with decay
-    ``ema_decay``. The threshold for a step is ``mean + z_threshold * sqrt(var)`` of the
-    entries *before* it. A norm above the threshold is scaled down to exactly the
-    threshold (unlike ZClip's default ``adaptive_scaling``, larger outliers are not pulled
-    further down). What enters the statistics is the norm after clipping,
-    ``min(norm, threshold)``, so an outlier cannot inflate the mean and variance that
-    judge the next one, except during warm-up, when the raw norm enters (a warm-up
-    ceiling must not become what the statistics learn); non-finite norms never enter,
-    and an update that would make the mean or variance non-finite is refused.
+           n = number of norms that entered so far, this one included
+           a = max(1 / n, 1 - ema_decay)
+           d = x - mean
+           mean <- mean + a * d
+           var  <- (1 - a) * (var + a * d**2)
+
+       (counting the start as ``K`` entries, a running mean and variance at first,
+       an exponential moving average with decay ``ema_decay`` after ``1/(1-ema_decay)``
+       entries). Winsorizing keeps an outlier from inflating the mean and variance that
+       judge the next one.
+
+    Non-finite norms never enter, and an update that would make the mean or variance
+    non-finite is refused.
 
     Args:
         z_threshold: z, the number of standard deviations tolerated, > 0.
@@ -483,12 +533,15 @@ class ZScoreThreshold(LearnedThreshold):
         warmup_steps, warmup_max_norm, max_norm, min_norm, device: see :class:`LearnedThreshold`.
 
     Example:
-        >>> rule = ZScoreThreshold(z_threshold=2.0, ema_decay=0.9)
-        >>> for x in (1.0, 3.0):  # mean 2, std 1
+        >>> rule = ZScoreThreshold(z_threshold=2.0, warmup_steps=3)
+        >>> for x in (1.0, 2.0, 100.0):  # median 2, MAD 1: the 100 does not count
         ...     rule.observe(torch.tensor(x), torch.tensor(True))
         >>> rule.threshold()
-        tensor(4.)
+        tensor(4.9652)
     """
+
+    #: consistency constant: 1.4826 * MAD estimates the standard deviation of a normal sample
+    MAD_SCALE = 1.4826
 
     def __init__(
         self,
@@ -512,31 +565,83 @@ class ZScoreThreshold(LearnedThreshold):
         )
         self.z_threshold = float(z_threshold)
         self.ema_decay = float(ema_decay)
-        self.mean = torch.zeros((), dtype=torch.float32, device=self.seen.device)
-        self.var = torch.zeros((), dtype=torch.float32, device=self.seen.device)
+        self.start_size = max(warmup_steps, 2)
+        dev = self.seen.device
+        self.mean = torch.zeros((), dtype=torch.float32, device=dev)
+        self.var = torch.zeros((), dtype=torch.float32, device=dev)
+        #: the first ``start_size`` norms; ``inf`` marks an empty slot
+        self.start = torch.full((self.start_size,), _INF, dtype=torch.float32, device=dev)
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {"seen": self.seen, "mean": self.mean, "var": self.var}
+        return {"seen": self.seen, "mean": self.mean, "var": self.var, "start": self.start}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """As :meth:`LearnedThreshold.load_state_dict`; a start buffer of another size
+        (another ``warmup_steps``) is accepted once both starts are over, since it no
+        longer matters then."""
+        start = state.get("start")
+        if start is not None and tuple(torch.as_tensor(start).shape) != tuple(self.start.shape):
+            seen = int(torch.as_tensor(state.get("seen", 0)))
+            if seen < max(self.start_size, len(start)):
+                raise ValueError(
+                    f"cannot resume a z-score start phase of {len(start)} norms with warmup_steps="
+                    f"{self.warmup_steps} before it is over ({seen} norms seen); keep `warmup_steps` unchanged."
+                )
+            for name in ("seen", "mean", "var"):
+                if name not in state:
+                    raise ValueError(f"ZScoreThreshold state has no entry {name!r}; keys: {sorted(state)}.")
+                getattr(self, name).copy_(torch.as_tensor(state[name]).to(getattr(self, name)))
+            self.seen_at_least = seen
+            return
+        super().load_state_dict(state)
 
     @property
     def std(self) -> Tensor:
         return self.var.sqrt()
 
+    def _robust(self, start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Median and scaled MAD of the first ``count`` entries of ``start``."""
+        center = filled_percentile(start, count, 50.0)
+        deviation = torch.where(torch.isfinite(start), (start - center).abs(), torch.full_like(start, _INF))
+        spread = self.MAD_SCALE * filled_percentile(deviation, count, 50.0)
+        return center, spread
+
     def raw(self) -> Tensor:
         value = self.mean + self.z_threshold * self.var.sqrt()
-        return torch.where(self.seen > 0, value, torch.full_like(value, _INF))
+        return torch.where(self.seen >= self.start_size, value, torch.full_like(value, _INF))
 
-    def observe(self, norm: Tensor, accept: Tensor, threshold: Tensor | None = None) -> None:
+    def observe(self, norm: Tensor, accept: Tensor) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32)
-        x = norm
-        if threshold is not None:  # after warm-up the clipped norm enters, during it the raw one
-            x = torch.where(self.in_warmup(), norm, torch.minimum(norm, threshold.to(self.device)))
-        n = (self.seen + 1).to(torch.float32)
-        weight = n.reciprocal().clamp(min=1.0 - self.ema_decay)
+        ok = accept.to(self.device) & torch.isfinite(norm)
+        if self.seen_at_least >= self.start_size:  # known on the host: the start is over
+            x = torch.minimum(norm, self.learned())
+            weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
+            d = x - self.mean
+            mean = self.mean + weight * d
+            var = (1.0 - weight) * (self.var + weight * d * d)
+            ok = ok & torch.isfinite(mean) & torch.isfinite(var)
+            self.mean.copy_(torch.where(ok, mean, self.mean))
+            self.var.copy_(torch.where(ok, var, self.var))
+            self.seen.add_(ok.to(torch.int64))
+            return
+        starting = self.seen < self.start_size
+        # 1. start: keep the norm; when the start is complete, initialise from median / MAD
+        pos = self.seen.clamp(max=self.start_size - 1).view(1)
+        start = self.start.scatter(
+            0, pos, torch.where(starting & ok, norm, self.start.gather(0, pos).squeeze(0)).view(1)
+        )
+        center, spread = self._robust(start, (self.seen + 1).clamp(max=self.start_size))
+        complete = starting & (self.seen + 1 == self.start_size)
+        # 3. update with the winsorized norm
+        x = torch.minimum(norm, self.learned())
+        weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
         d = x - self.mean
-        mean = self.mean + weight * d
-        var = (1.0 - weight) * (self.var + weight * d * d)
-        ok = accept.to(self.device) & torch.isfinite(norm) & torch.isfinite(mean) & torch.isfinite(var)
+        mean = torch.where(starting, torch.where(complete, center, self.mean), self.mean + weight * d)
+        var = torch.where(
+            starting, torch.where(complete, spread * spread, self.var), (1.0 - weight) * (self.var + weight * d * d)
+        )
+        ok = ok & torch.isfinite(mean) & torch.isfinite(var)
+        self.start.copy_(torch.where(ok, start, self.start))
         self.mean.copy_(torch.where(ok, mean, self.mean))
         self.var.copy_(torch.where(ok, var, self.var))
         self.seen.add_(ok.to(torch.int64))
@@ -552,6 +657,24 @@ def _placements_ok(p: Tensor) -> bool:
     if DTensor is None or not isinstance(p, DTensor):
         return True
     return all(not pl.is_shard() or pl.dim == 0 for pl in p.placements)
+
+
+@dataclass
+class _Group:
+    """Matrices whose gradients share device, dtype and row length: one concatenation."""
+
+    row: int
+    members: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # local rows of each member
+    weights: list[Tensor] | None = None  # cached (rows, row) views of plain parameters
+
+
+@dataclass
+class _Layout:
+    vectors: list[int]
+    vector_index: Tensor
+    vectors_sharded: bool
+    groups: list[_Group]
 
 
 @dataclass
@@ -650,12 +773,38 @@ class UnitwiseClip:
         self.matrices, self.vectors = tuple(mats), tuple(vecs)
         self._cache: dict[Any, Any] = {}
 
-    def _vector_index(self, device: torch.device) -> Tensor:
-        key = ("vec_index", device)
-        t = self._cache.get(key)
-        if t is None:
-            t = self._cache[key] = torch.tensor(self.vectors, dtype=torch.long, device=device)
-        return t
+    def _layout(self, device: torch.device) -> _Layout:
+        """Which units to clip this step and how they are grouped, cached per set of present gradients."""
+        params = self.params.params
+        present = tuple(params[i].grad is not None for i in self.matrices + self.vectors)
+        key = (device, present)
+        layout = self._cache.get(key)
+        if layout is not None:
+            return layout
+        vectors = [i for i in self.vectors if params[i].grad is not None]
+        groups: dict[tuple[Any, ...], _Group] = {}
+        for i in self.matrices:
+            grad = params[i].grad
+            if grad is None:
+                continue
+            local = local_tensor(grad)
+            row = math.prod(local.shape[1:])
+            group = groups.setdefault((local.device, local.dtype, row), _Group(row=row))
+            group.members.append(i)
+            group.rows.append(int(local.shape[0]))
+        for group in groups.values():
+            weights = [local_tensor(params[i]) for i in group.members]
+            if not any(DTensor is not None and isinstance(params[i], DTensor) for i in group.members):
+                # plain parameters keep their storage (optimizers update in place): reshape once
+                group.weights = [w.detach().reshape(r, group.row) for w, r in zip(weights, group.rows)]
+        layout = _Layout(
+            vectors=vectors,
+            vector_index=torch.tensor(vectors, dtype=torch.long, device=device),
+            vectors_sharded=any(self.params.reduce_keys[i] for i in vectors),
+            groups=list(groups.values()),
+        )
+        self._cache[key] = layout
+        return layout
 
     def clip_(
         self,
@@ -663,7 +812,6 @@ class UnitwiseClip:
         *,
         inv_scale: Tensor | None = None,
         finite: Tensor | None = None,
-        factor: Tensor | None = None,
     ) -> AGCResult:
         """Apply AGC to the current gradients of ``params`` in place.
 
@@ -673,71 +821,60 @@ class UnitwiseClip:
                 :attr:`~lightning_gradguard.stats.GradSnapshot.norms` provides them.
             inv_scale: ``1 / loss_scale`` when the gradients still carry a loss scale.
             finite: 0-dim bool; where ``False`` nothing is changed.
-            factor: an extra 0-dim factor multiplied into every coefficient (unused if ``None``).
 
         Returns:
             An :class:`AGCResult`.
         """
         device = grad_norms.device
         params = self.params.params
+        layout = self._layout(device)
         one = torch.ones((), device=device)
         ok = finite.to(device) if finite is not None else torch.ones((), dtype=torch.bool, device=device)
         clipped = torch.zeros((), dtype=torch.int64, device=device)
-        units = 0
+        units = len(layout.vectors)
         targets: list[Tensor] = []
         coefs: list[Tensor] = []
-
-        # vectors: whole-tensor norms (gradient norms from the snapshot, weight norms here)
-        vec = [i for i in self.vectors if params[i].grad is not None]
-        if vec:
-            index = self._vector_index(device)
-            weights = [params[i].detach() for i in self.vectors]
-            keys = [self.params.reduce_keys[i] for i in self.vectors]
-            w_norms, _ = tensor_stats(weights, keys, device=device, cache=self._cache.setdefault("vec_stats", {}))
-            g_norms = grad_norms.index_select(0, index)
-            coef = self._coef(w_norms, g_norms, ok, one)
-            clipped = clipped + (coef < 1).sum()
-            if factor is not None:
-                coef = coef * factor
-            units += len(vec)
-            pos = {i: k for k, i in enumerate(self.vectors)}
-            for i in vec:
-                targets.append(local_tensor(params[i].grad))
-                coefs.append(coef[pos[i]])
-
-        # matrices: row norms of the local shards, grouped by (device, dtype, row length)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i in self.matrices:
-            g = params[i].grad
-            if g is None:
-                continue
-            lg = local_tensor(g)
-            row = math.prod(lg.shape[1:])
-            groups.setdefault((lg.device, lg.dtype, row), []).append(i)
         with torch.no_grad():
-            for (gdev, _, row), members in groups.items():
-                grads = [local_tensor(params[i].grad) for i in members]
-                weights = [local_tensor(params[i].detach()) for i in members]
-                rows = [int(g.shape[0]) for g in grads]
-                units += sum(rows)
-                g_rows = torch.linalg.vector_norm(
-                    torch.cat([g.reshape(r, row) for g, r in zip(grads, rows)]), dim=1, dtype=torch.float32
-                ).to(device)
-                w_rows = torch.linalg.vector_norm(
-                    torch.cat([w.reshape(r, row) for w, r in zip(weights, rows)]), dim=1, dtype=torch.float32
-                ).to(device)
+            # vectors: whole-tensor norms (gradients' from the snapshot, weights' here)
+            if layout.vectors:
+                weights = [params[i] for i in layout.vectors]
+                if layout.vectors_sharded:
+                    keys = [self.params.reduce_keys[i] for i in layout.vectors]
+                    w_norms, _ = tensor_stats(weights, keys, device=device, cache=self._cache.setdefault("stats", {}))
+                else:
+                    w_norms = torch.stack(
+                        [n.to(device, torch.float32) for n in torch._foreach_norm([w.detach() for w in weights])]
+                    )
+                coef = self._coef(w_norms, grad_norms.index_select(0, layout.vector_index), ok, one)
+                clipped = clipped + (coef < 1).sum()
+                for i, c in zip(layout.vectors, coef.unbind()):
+                    targets.append(local_tensor(params[i].grad))
+                    coefs.append(c)
+            # matrices: row norms of the local shards, one concatenation per group
+            for group in layout.groups:
+                grads = [local_tensor(params[i].grad) for i in group.members]
+                weights = group.weights or [
+                    local_tensor(params[i]).detach().reshape(r, group.row) for i, r in zip(group.members, group.rows)
+                ]
+                rows = [g.reshape(r, group.row) for g, r in zip(grads, group.rows)]
+                total = sum(group.rows)
+                units += total
+                if weights[0].dtype == rows[0].dtype:
+                    norms = torch.linalg.vector_norm(torch.cat(rows + weights), dim=1, dtype=torch.float32)
+                    g_rows, w_rows = norms[:total].to(device), norms[total:].to(device)
+                else:
+                    g_rows = torch.linalg.vector_norm(torch.cat(rows), dim=1, dtype=torch.float32).to(device)
+                    w_rows = torch.linalg.vector_norm(torch.cat(weights), dim=1, dtype=torch.float32).to(device)
                 if inv_scale is not None:
                     g_rows = g_rows * inv_scale.to(device)
                 coef = self._coef(w_rows, g_rows, ok, one)
                 clipped = clipped + (coef < 1).sum()
-                if factor is not None:
-                    coef = coef * factor
-                coef = coef.to(gdev)
-                for g, c in zip(grads, torch.split(coef, rows)):
+                coef = coef.to(device=grads[0].device, dtype=grads[0].dtype)
+                for g, c in zip(grads, torch.split(coef, group.rows)):
                     targets.append(g)
                     coefs.append(c.view(-1, *([1] * (g.dim() - 1))))
             if targets:
-                coefs = [c.to(device=t.device, dtype=t.dtype) for t, c in zip(targets, coefs)]
+                coefs = [c if c.dtype == t.dtype and c.device == t.device else c.to(t) for t, c in zip(targets, coefs)]
                 try:
                     torch._foreach_mul_(targets, coefs)
                 except (RuntimeError, NotImplementedError):

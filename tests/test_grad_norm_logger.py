@@ -117,6 +117,7 @@ def test_fp16_optimizer_that_unscales_itself(tmp_path):
 
 
 def test_gradient_accumulation_logs_accumulated_norm_once_per_step(tmp_path):
+    pl.seed_everything(0, verbose=False)
     model = RecordingMLP()
     cb = GradientNormLogger()
     trainer = make_trainer(tmp_path, [cb], max_steps=4, accumulate_grad_batches=2)
@@ -127,10 +128,12 @@ def test_gradient_accumulation_logs_accumulated_norm_once_per_step(tmp_path):
     # on_after_backward ran for each of the 8 micro-batches; the logged value is the
     # accumulated gradient of the step, i.e. the last micro-batch's record, not the first's
     assert len(model.backward_records) == 8
+    differ = 0
     for step in range(4):
         first, last = model.backward_records[2 * step][1], model.backward_records[2 * step + 1][1]
         assert_close_rel(scalars["grad_norm/total"][step], last["total"], 1e-4, f"accumulated@{step}")
-        assert abs(first["total"] - last["total"]) > 1e-3 * last["total"]
+        differ += abs(first["total"] - last["total"]) > 1e-2 * last["total"]
+    assert differ >= 2  # so matching the accumulated value is not matching the first micro-batch
 
 
 class TwoOptimizerModel(RecordingMLP):

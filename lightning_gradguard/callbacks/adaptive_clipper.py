@@ -94,7 +94,7 @@ class AdaptiveClipper(GradGuardCallback):
     - ``"percentile"`` (AutoClip, Seetharaman et al. 2020): the threshold is the
       ``percentile``-th percentile of the total norms of the last ``window`` steps.
     - ``"zscore"`` (after ZClip, 2025): the threshold is ``mean + z_threshold * std`` of a
-      running mean and variance of the (clipped) total norms; the exact rule is in
+      running mean and variance of the (winsorized) total norms; the exact rule is in
       :class:`~lightning_gradguard.policies.ZScoreThreshold`.
     - ``"agc"`` (Brock et al. 2021, NFNets): each unit's gradient norm is bounded by
       ``agc_clipping`` times its weight norm (floored at ``agc_eps``); parameters whose
@@ -128,9 +128,12 @@ class AdaptiveClipper(GradGuardCallback):
       rank skips the same steps).
     - The state (statistics and counters, one set per optimizer) is saved in checkpoints;
       a resumed run follows the same thresholds as an uninterrupted one. ``state_key``
-      includes the mode and its parameters, so several clippers fit in one checkpoint.
+      holds the mode and the parameters that define its statistics (``percentile`` and
+      ``window``; ``z_threshold`` and ``ema_decay``; ...), so several clippers fit in one
+      checkpoint, and options such as ``max_norm`` or ``skip_factor`` may change on resume.
     - Under DDP and FSDP2 every rank computes the same threshold from the same
-      (all-reduced or shard-combined) norm.
+      (all-reduced or shard-combined) norm. ``agc`` needs every row of a weight on one
+      rank, which FSDP2's default ``Shard(0)`` gives.
 
     Several clippers on one optimizer each decide on the pre-clip gradient and their
     coefficients multiply, so the result respects every threshold. A ``Trainer`` that
@@ -362,7 +365,7 @@ class AdaptiveClipper(GradGuardCallback):
             if log_now:
                 post = self._measure(snap)
         elif self.mode == "agc":
-            clipped, threshold, post = self._agc_step(trainer, snap, idx, state, grads, finite, log_now, extra)
+            clipped, threshold, post = self._agc_step(snap, pre, idx, state, grads, finite, log_now, extra)
         else:
             rule = self._rule(idx, device)
             threshold = rule.threshold()
@@ -374,11 +377,11 @@ class AdaptiveClipper(GradGuardCallback):
                 _lightning.drop_gradients(optimizer)
                 state.skipped_steps += 1
                 coef = torch.zeros_like(coef)
-                rule.observe(pre, torch.zeros((), dtype=torch.bool, device=device), threshold)
+                rule.observe(pre, torch.zeros((), dtype=torch.bool, device=device))
                 clipped = torch.zeros((), dtype=torch.bool, device=device)
             else:
                 scale_(grads, coef)
-                rule.observe(pre, finite, threshold)
+                rule.observe(pre, finite)
                 clipped = coef < 1
 
         if post is None and coef is not None:
@@ -398,8 +401,8 @@ class AdaptiveClipper(GradGuardCallback):
 
     def _agc_step(
         self,
-        trainer: pl.Trainer,
         snap: Any,
+        pre: Tensor,
         idx: int,
         state: _OptState,
         grads: list[Tensor | None],
@@ -407,7 +410,6 @@ class AdaptiveClipper(GradGuardCallback):
         log_now: bool,
         extra: dict[str, Tensor],
     ) -> tuple[Tensor, float | None, Tensor | None]:
-        pre = snap.total_norm
         device = pre.device
         clipped = torch.zeros((), dtype=torch.bool, device=device)
         inv = None if snap.scale is None else snap.scale.reciprocal()
@@ -447,16 +449,20 @@ class AdaptiveClipper(GradGuardCallback):
         names = [n for n in ("threshold", "pre_norm", "post_norm", "coef") if n in state.last]
         names += list(extra)
         values = [state.last[n] if n in state.last else extra[n] for n in names]
+        rule = self._rules.get(idx)
+        if rule is not None:
+            values.append(rule.seen)
         values.append(state.interval_clipped)
         host = _to_host(values, state.last["pre_norm"].device)
+        if rule is not None:
+            rule.note_seen(int(host[-2]))  # lets the rule skip its start-phase work, no extra copy
         metrics = {f"clip/{seg}{n}": v for n, v in zip(names, host)}
         metrics[f"clip/{seg}clipped_fraction"] = host[-1] / max(state.interval_steps, 1)
         if self.mode in _LEARNED:
             metrics[f"clip/{seg}skipped_steps"] = float(state.skipped_steps)
         state.interval_steps = 0
         state.interval_clipped = 0
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        _lightning.log_metrics(trainer, metrics, step)
 
     # ------------------------------------------------------------------ helpers
 
