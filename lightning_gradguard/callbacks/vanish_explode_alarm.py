@@ -301,10 +301,18 @@ class VanishExplodeAlarm(GradGuardCallback):
         active: list[str],
         scaler_active: bool,
     ) -> None:
-        host = stats.to_host()  # a second copy, only on flagged steps
         detector = self.detectors[opt_idx]
-        dead = detector.dead_groups().tolist() if "dead" in active else []
-        overflow_run = int(detector._state["overflow_run"].item()) if scaler_active else None
+        cache: dict[str, Any] = {}
+
+        def host_view() -> tuple[Any, list[bool], int | None]:
+            # more host copies, only when a finding or a dump is written (not on every
+            # step of an ongoing episode)
+            if not cache:
+                cache["host"] = stats.to_host()
+                cache["dead"] = detector.dead_groups().tolist() if "dead" in active else []
+                cache["run"] = int(detector._state["overflow_run"].item()) if scaler_active else None
+            return cache["host"], cache["dead"], cache["run"]
+
         strongest = "none"
         new_findings: list[Finding] = []
         for kind in active:
@@ -319,6 +327,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             if _STRENGTH[action] > _STRENGTH[strongest]:
                 strongest = action
             if not self._in_episode[kind] or _STRENGTH[action] >= _STRENGTH["stop"]:
+                host, dead, overflow_run = host_view()
                 finding = build_finding(
                     kind,
                     step,
@@ -344,7 +353,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             self.halted_at = step
             trainer.should_stop = True
             if self.crash_dump:
-                path = self._write_dump(trainer, step, host, values, new_findings)
+                path = self._write_dump(trainer, step, host_view()[0], values, new_findings)
                 for f in new_findings:
                     f.dump_path = path
         self.findings.extend(new_findings)
