@@ -111,5 +111,16 @@ def main() -> None:
     trainer.fit(Model(out_dir, clipper), DataLoader(Regression(), batch_size=8, shuffle=False))
 
 
+def _shutdown() -> None:
+    """Tear the process group down before exit: a live gloo group at interpreter exit can
+    abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    _shutdown()

@@ -125,5 +125,16 @@ def main() -> None:
     trainer.fit(ShardedMLP(args.out_dir, args.head_out), DataLoader(TensorDataset(x, y), batch_size=8))
 
 
+def _shutdown() -> None:
+    """Tear the process group down before exit: a live gloo group at interpreter exit can
+    abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    _shutdown()
