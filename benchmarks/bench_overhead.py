@@ -40,6 +40,8 @@ Conditions:
   to the host every step). The post-LN reference model is flagged as vanishing early on
   (a true positive, see the README), so this also covers an ongoing episode.
 * ``clipper_zscore``: ``AdaptiveClipper(mode="zscore")``.
+* ``amp_check`` (with ``--fp16``, which trains under real fp16 AMP with a CPU
+  ``GradScaler``): ``AmpUnscaleCheck()``.
 
 Usage::
 
@@ -78,11 +80,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import AdaptiveClipper, GradientNormLogger, VanishExplodeAlarm
+from lightning_gradguard import AdaptiveClipper, AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm
 
 try:
     from zclip import ZClipLightningCallback
@@ -113,6 +116,7 @@ CLIP = "clip_grad_norm"
 ZCLIP = "zclip"
 ALARM = "alarm_all_checks"
 CLIPPER = "clipper_zscore"
+AMP_CHECK = "amp_check"
 
 
 class Switch(Callback):
@@ -481,6 +485,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--report", type=Path, default=None, metavar="PATH", help="print the report of a --json file again; run nothing"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="train with real fp16 AMP (GradScaler on CPU) and add the amp_check condition (AmpUnscaleCheck)",
+    )
     parser.add_argument("--micro-calls", type=int, default=None, help="calls per micro-benchmark (default 300)")
     parser.add_argument(
         "--profile",
@@ -515,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
 
     conditions = [BASELINE, GG_EVERY, PL_GRAD_NORM, CLIP, GG_DEFAULT, ALARM, CLIPPER]
+    if args.fp16:
+        conditions.append(AMP_CHECK)
     if ZClipLightningCallback is not None:
         conditions.append(ZCLIP)
     else:
@@ -545,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Gated(VanishExplodeAlarm(), ALARM, switch),
         Gated(AdaptiveClipper(mode="zscore"), CLIPPER, switch),
     ]
+    if args.fp16:
+        gated.append(Gated(AmpUnscaleCheck(), AMP_CHECK, switch))
     if ZClipLightningCallback is not None:
         gated.append(Gated(ZClipLightningCallback(), ZCLIP, switch))
 
@@ -563,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
+            plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if args.fp16 else None,
         )
         load_before = os.getloadavg()[0]
         t_start = time.perf_counter()
