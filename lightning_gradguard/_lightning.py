@@ -75,7 +75,7 @@ class _Session:
 
     backward_count: int = 0
     last_loss: Tensor | None = None
-    param_sets: dict[Any, tuple[int, ParamSet]] = field(default_factory=dict)
+    param_sets: dict[Any, tuple[Any, list[Any], ParamSet]] = field(default_factory=dict)
     snapshot_key: tuple[Any, ...] | None = None
     snapshots: dict[tuple[Any, ...], GradSnapshot] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
@@ -105,25 +105,46 @@ def note_backward(trainer: pl.Trainer, loss: Tensor) -> None:
         state.backward_count += 1
 
 
-def _param_count(optimizer: torch.optim.Optimizer | None, module: torch.nn.Module) -> int:
-    if optimizer is None:
-        return sum(1 for _ in module.parameters())
-    return sum(len(g["params"]) for g in optimizer.param_groups)
+def optimizer_layout(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int], ...]:
+    """A fingerprint of the parameters ``optimizer`` holds, in O(param groups), not O(parameters).
+
+    One ``(id(list), len(list))`` per param group: ``add_param_group`` (as Lightning's
+    ``BaseFinetuning.unfreeze_and_add_param_group`` does), appending to or removing from a
+    group's list, and replacing a group's list all change it. The lists are kept alive by
+    the cache entry that stores the fingerprint, so their ids cannot be reused. (Assigning
+    one element of a group's list in place, ``group["params"][k] = other``, keeps the
+    fingerprint; nothing in torch or Lightning does that.) A ``requires_grad`` flip needs
+    no fingerprint: parameter sets hold frozen parameters too, and each step reads which
+    ones have a gradient.
+    """
+    return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
 def param_set(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> ParamSet:
-    """The cached :class:`ParamSet` of ``optimizer`` (or of the whole module when ``None``)."""
+    """The cached :class:`ParamSet` of ``optimizer`` (or of the whole module when ``None``).
+
+    Rebuilt only when the optimizer's layout changes (a param group added, parameters
+    added to or removed from one). The module's set (``None``, for the backward phase)
+    is rebuilt when any optimizer of the trainer changes layout. Each set holds frozen
+    parameters as well, so unfreezing mid-run is seen at the very next step.
+    """
     state = session(trainer)
-    key = id(optimizer) if optimizer is not None else None
-    count = _param_count(optimizer, pl_module)
-    cached = state.param_sets.get(key)
-    if cached is not None and cached[0] == count:
-        return cached[1]
     if optimizer is None:
-        params = ParamSet.from_module(pl_module)
+        key = None
+        sources = [raw_optimizer(o) for o in trainer.optimizers]
+    else:
+        key = id(optimizer)
+        sources = [optimizer]
+    fingerprint = tuple(optimizer_layout(o) for o in sources)
+    cached = state.param_sets.get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[2]
+    if optimizer is None:
+        params = ParamSet.from_module(pl_module, include_frozen=True)
     else:
         params = ParamSet.from_optimizer(optimizer, pl_module)
-    state.param_sets[key] = (count, params)
+    pinned = [g["params"] for o in sources for g in o.param_groups]  # keeps the fingerprint's ids unique
+    state.param_sets[key] = (fingerprint, pinned, params)
     return params
 
 

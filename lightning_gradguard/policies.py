@@ -59,6 +59,7 @@ __all__ = [
     "clip_by_norm_",
     "clip_by_value_",
     "clip_coefficient",
+    "coalesce_sparse_grads_",
     "filled_percentile",
     "scale_",
 ]
@@ -158,16 +159,17 @@ def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
     return torch.where(keep, coef, torch.ones_like(coef))
 
 
-def _buckets(tensors: Iterable[Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    """Local tensors grouped by (device, dtype); ``None`` dropped. A plain per-tensor loop:
-    it runs every step, so it does as little as possible per tensor."""
-    out: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+def _buckets(tensors: Iterable[Tensor | None]) -> dict[tuple[torch.device, torch.dtype, bool], list[Tensor]]:
+    """Local tensors grouped by (device, dtype, dense); ``None`` dropped. A plain per-tensor loop:
+    it runs every step, so it does as little as possible per tensor. Sparse tensors get
+    groups of their own (``dense`` False): foreach kernels are for strided tensors."""
+    out: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = {}
     for t in tensors:
         if t is None:
             continue
         if type(t) is not Tensor:  # DTensor (or another subclass): work on the local shard
             t = local_tensor(t)
-        key = (t.device, t.dtype)
+        key = (t.device, t.dtype, t.layout is torch.strided)
         group = out.get(key)
         if group is None:
             out[key] = [t]
@@ -176,11 +178,40 @@ def _buckets(tensors: Iterable[Tensor | None]) -> dict[tuple[torch.device, torch
     return out
 
 
+def _sparse_elements(t: Tensor) -> Tensor:
+    """The stored values of a coalesced sparse COO tensor, to be changed in place.
+
+    Raises:
+        ValueError: for an uncoalesced tensor (an element-wise operation on duplicate
+            entries would be wrong) or a layout other than COO.
+    """
+    if t.layout is not torch.sparse_coo or not t.is_coalesced():
+        raise ValueError(
+            f"element-wise clipping needs dense or coalesced sparse COO tensors, got layout {t.layout} "
+            f"(coalesced: {t.layout is torch.sparse_coo and t.is_coalesced()}); use coalesce_sparse_grads_() first."
+        )
+    return t._values()
+
+
+def coalesce_sparse_grads_(params: Iterable[Tensor]) -> None:
+    """Replace every uncoalesced sparse COO ``.grad`` of ``params`` by its coalesced equivalent.
+
+    The same gradient (duplicate indices summed), so optimizers see no difference; it lets
+    element-wise and unit-wise clipping act on each entry once.
+    """
+    for p in params:
+        g = p.grad
+        if g is not None and g.layout is torch.sparse_coo and not g.is_coalesced():
+            p.grad = g.coalesce()
+
+
 def scale_(tensors: Iterable[Tensor | None], coef: Tensor) -> None:
     """Multiply every tensor in place by the 0-dim device tensor ``coef``.
 
-    One ``torch._foreach_mul_`` per (device, dtype) group; ``None`` entries are skipped and
-    DTensors are scaled through their local shard. No host synchronisation.
+    One ``torch._foreach_mul_`` per (device, dtype) group of dense tensors; sparse
+    tensors are scaled one by one (a coalesced COO tensor through its values, so it stays
+    coalesced); ``None`` entries are skipped and DTensors are scaled through their local
+    shard. No host synchronisation.
 
     Example:
         >>> g = [torch.ones(2), torch.ones(3)]
@@ -189,12 +220,15 @@ def scale_(tensors: Iterable[Tensor | None], coef: Tensor) -> None:
         tensor([0.5000, 0.5000, 0.5000])
     """
     with torch.no_grad():
-        for (device, _), group in _buckets(tensors).items():
+        for (device, _, dense), group in _buckets(tensors).items():
             c = coef.to(device=device, non_blocking=True)
-            try:
+            if dense:
                 torch._foreach_mul_(group, c)
-            except (RuntimeError, NotImplementedError):  # no foreach kernel for this device/layout
-                for t in group:
+                continue
+            for t in group:
+                if t.layout is torch.sparse_coo and t.is_coalesced():
+                    t._values().mul_(c)
+                else:
                     t.mul_(c)
 
 
@@ -231,7 +265,8 @@ def clip_by_value_(
     """Clamp every element to ``[-clip_value, clip_value]`` in place.
 
     Args:
-        tensors: the gradients (``None`` skipped; DTensors through their local shard).
+        tensors: the gradients (``None`` skipped; DTensors through their local shard;
+            sparse COO tensors must be coalesced, see :func:`coalesce_sparse_grads_`).
         clip_value: the bound on the unscaled gradient, > 0.
         scale: a loss scale still applied to the tensors (the bound becomes
             ``clip_value * scale``), or ``None``.
@@ -247,6 +282,12 @@ def clip_by_value_(
     buckets = _buckets(tensors)
     if not buckets:
         return
+    for (_, dtype, _), group in buckets.items():
+        if dtype.is_complex:
+            raise ValueError(
+                f"value clipping is not defined for complex tensors (got {dtype}, shape {tuple(group[0].shape)}): "
+                "clip by norm instead."
+            )
     ref = next(iter(buckets.values()))[0]
     bound = torch.full((), float(clip_value), dtype=torch.float32, device=ref.device)
     if scale is not None:
@@ -254,15 +295,13 @@ def clip_by_value_(
     if finite is not None:
         bound = torch.where(finite.to(bound.device), bound, torch.full_like(bound, _INF))
     with torch.no_grad():
-        for (device, dtype), group in buckets.items():
+        for (device, dtype, dense), group in buckets.items():
             hi = bound.to(device=device, dtype=dtype)  # beyond fp16's range it becomes +inf: no bound
             lo = -hi
-            try:
-                torch._foreach_clamp_max_(group, [hi] * len(group))
-                torch._foreach_clamp_min_(group, [lo] * len(group))
-            except (RuntimeError, NotImplementedError):
-                for t in group:
-                    t.clamp_(min=lo, max=hi)
+            if not dense:
+                group = [_sparse_elements(t) for t in group]
+            torch._foreach_clamp_max_(group, [hi] * len(group))
+            torch._foreach_clamp_min_(group, [lo] * len(group))
 
 
 # --------------------------------------------------------------------------------------
@@ -675,6 +714,14 @@ class _Layout:
     vector_index: Tensor
     vectors_sharded: bool
     groups: list[_Group]
+    sparse: list[int] = field(default_factory=list)  # matrices with a sparse COO gradient (embeddings)
+
+
+def _rows(t: Tensor, rows: int, row: int) -> Tensor:
+    """``t`` as a ``(rows, row)`` real matrix: complex numbers count as two real coordinates."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.reshape(rows, row)
 
 
 @dataclass
@@ -783,12 +830,22 @@ class UnitwiseClip:
             return layout
         vectors = [i for i in self.vectors if params[i].grad is not None]
         groups: dict[tuple[Any, ...], _Group] = {}
+        sparse: list[int] = []
         for i in self.matrices:
             grad = params[i].grad
             if grad is None:
                 continue
+            if grad.layout is not torch.strided:
+                if grad.layout is not torch.sparse_coo or grad.sparse_dim() != 1:
+                    raise ValueError(
+                        f"AGC cannot clip the gradient of {self.params.names[i]!r}: layout {grad.layout} with "
+                        f"{grad.sparse_dim()} sparse dimension(s); only dense gradients and sparse COO gradients "
+                        "indexed by row (nn.Embedding(sparse=True)) are supported. Leave it out with `agc_exclude`."
+                    )
+                sparse.append(i)
+                continue
             local = local_tensor(grad)
-            row = math.prod(local.shape[1:])
+            row = math.prod(local.shape[1:]) * (2 if local.is_complex() else 1)
             group = groups.setdefault((local.device, local.dtype, row), _Group(row=row))
             group.members.append(i)
             group.rows.append(int(local.shape[0]))
@@ -796,12 +853,13 @@ class UnitwiseClip:
             weights = [local_tensor(params[i]) for i in group.members]
             if not any(DTensor is not None and isinstance(params[i], DTensor) for i in group.members):
                 # plain parameters keep their storage (optimizers update in place): reshape once
-                group.weights = [w.detach().reshape(r, group.row) for w, r in zip(weights, group.rows)]
+                group.weights = [_rows(w.detach(), r, group.row) for w, r in zip(weights, group.rows)]
         layout = _Layout(
             vectors=vectors,
             vector_index=torch.tensor(vectors, dtype=torch.long, device=device),
             vectors_sharded=any(self.params.reduce_keys[i] for i in vectors),
             groups=list(groups.values()),
+            sparse=sparse,
         )
         self._cache[key] = layout
         return layout
@@ -854,9 +912,9 @@ class UnitwiseClip:
             for group in layout.groups:
                 grads = [local_tensor(params[i].grad) for i in group.members]
                 weights = group.weights or [
-                    local_tensor(params[i]).detach().reshape(r, group.row) for i, r in zip(group.members, group.rows)
+                    _rows(local_tensor(params[i]).detach(), r, group.row) for i, r in zip(group.members, group.rows)
                 ]
-                rows = [g.reshape(r, group.row) for g, r in zip(grads, group.rows)]
+                rows = [_rows(g, r, group.row) for g, r in zip(grads, group.rows)]
                 total = sum(group.rows)
                 units += total
                 if weights[0].dtype == rows[0].dtype:
@@ -873,14 +931,41 @@ class UnitwiseClip:
                 for g, c in zip(grads, torch.split(coef, group.rows)):
                     targets.append(g)
                     coefs.append(c.view(-1, *([1] * (g.dim() - 1))))
+            # sparse row gradients (embeddings): the unit is each stored row
+            for i in layout.sparse:
+                n, c = self._clip_sparse_rows(params[i], inv_scale, ok, one, device)
+                units += n
+                clipped = clipped + c
             if targets:
                 coefs = [c if c.dtype == t.dtype and c.device == t.device else c.to(t) for t, c in zip(targets, coefs)]
-                try:
-                    torch._foreach_mul_(targets, coefs)
-                except (RuntimeError, NotImplementedError):
-                    for t, c in zip(targets, coefs):
+                dense = [k for k, t in enumerate(targets) if t.layout is torch.strided]
+                if dense:
+                    torch._foreach_mul_([targets[k] for k in dense], [coefs[k] for k in dense])
+                for t, c in zip(targets, coefs):
+                    if t.layout is not torch.strided:  # a 1-D parameter with a sparse gradient
                         t.mul_(c)
         return AGCResult(units=units, clipped_units=clipped)
+
+    def _clip_sparse_rows(
+        self, param: Tensor, inv_scale: Tensor | None, ok: Tensor, one: Tensor, device: torch.device
+    ) -> tuple[int, Tensor]:
+        """AGC on a row-indexed sparse COO gradient, in place; returns (rows seen, rows clipped)."""
+        if not param.grad.is_coalesced():
+            param.grad = param.grad.coalesce()  # the same gradient, each row stored once
+        grad = param.grad
+        values = grad._values()
+        n = int(values.shape[0])
+        if n == 0:
+            return 0, torch.zeros((), dtype=torch.int64, device=device)
+        row = math.prod(values.shape[1:]) * (2 if values.is_complex() else 1)
+        g_rows = torch.linalg.vector_norm(_rows(values, n, row), dim=1, dtype=torch.float32).to(device)
+        weight = param.detach().index_select(0, grad._indices()[0])
+        w_rows = torch.linalg.vector_norm(_rows(weight, n, row), dim=1, dtype=torch.float32).to(device)
+        if inv_scale is not None:
+            g_rows = g_rows * inv_scale.to(device)
+        coef = self._coef(w_rows, g_rows, ok, one)
+        values.mul_(coef.to(device=values.device, dtype=values.dtype).view(-1, *([1] * (values.dim() - 1))))
+        return n, (coef < 1).sum()
 
     def _coef(self, w_norms: Tensor, g_norms: Tensor, ok: Tensor, one: Tensor) -> Tensor:
         limit = self.clipping * w_norms.clamp_min(self.eps)

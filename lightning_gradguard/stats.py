@@ -59,6 +59,7 @@ __all__ = [
     "iter_group_tensors",
     "local_tensor",
     "reduce_norms",
+    "stored_values",
     "take_snapshot",
     "tensor_stats",
     "zero_fractions",
@@ -103,7 +104,7 @@ class ParamSet:
     """The trainable parameters of one optimizer or module, in a fixed order.
 
     Args:
-        params: the parameter tensors (only those with ``requires_grad``).
+        params: the parameter tensors.
         names: one qualified name per parameter (``"encoder.0.weight"``).
 
     Built once and reused: computing it walks ``named_parameters()``.
@@ -132,14 +133,27 @@ class ParamSet:
         return any(self.reduce_keys)
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> ParamSet:
-        """All parameters of ``module`` that require a gradient, in registration order."""
-        pairs = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    def from_module(cls, module: nn.Module, *, include_frozen: bool = False) -> ParamSet:
+        """The parameters of ``module``, in registration order.
+
+        Args:
+            module: the module.
+            include_frozen: also take parameters with ``requires_grad=False``. A set that
+                must stay right while layers are frozen and unfrozen during training takes
+                them all: a parameter without a gradient simply counts as absent at that
+                step (:attr:`GradSnapshot.has_grad`).
+        """
+        pairs = [(n, p) for n, p in module.named_parameters() if include_frozen or p.requires_grad]
         return cls(params=tuple(p for _, p in pairs), names=tuple(n for n, _ in pairs))
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, module: nn.Module | None = None) -> ParamSet:
-        """The parameters that ``optimizer`` updates, named after ``module``.
+        """Every parameter that ``optimizer`` holds, named after ``module``.
+
+        Frozen parameters (``requires_grad=False``) are included: the optimizer updates any
+        parameter that has a gradient at ``step()``, whatever its flag, and a layer that is
+        unfrozen later must be seen at once. A parameter without a gradient counts as
+        absent at that step (:attr:`GradSnapshot.has_grad`).
 
         Parameters are ordered as ``module`` registers them (input side first for most
         models), not as the optimizer lists them, so that "shallow" and "deep" keep their
@@ -149,8 +163,7 @@ class ParamSet:
         in_opt: dict[int, tuple[Tensor, str]] = {}
         for i, group in enumerate(optimizer.param_groups):
             for j, p in enumerate(group["params"]):
-                if p.requires_grad:
-                    in_opt.setdefault(id(p), (p, f"param_groups.{i}.{j}"))
+                in_opt.setdefault(id(p), (p, f"param_groups.{i}.{j}"))
         pairs: list[tuple[str, Tensor]] = []
         if module is not None:
             for n, p in module.named_parameters():
@@ -354,22 +367,41 @@ def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
     return torch.where(overflow, maxes * numel.sqrt(), norms)
 
 
+def stored_values(t: Tensor) -> Tensor:
+    """The elements that make up ``t``'s norm: a DTensor's local shard, a sparse tensor's values.
+
+    A sparse COO tensor is coalesced first when it is not (duplicate indices are summed,
+    so the norm of its values is exact); compressed layouts (CSR, CSC, BSR, BSC) hold no
+    duplicates. Dense tensors come back as they are.
+    """
+    t = local_tensor(t)
+    if t.layout is torch.strided:
+        return t
+    if t.layout is torch.sparse_coo:
+        return (t if t.is_coalesced() else t.coalesce())._values()
+    return t.values()
+
+
 def _bucket(
     tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None = None
 ) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]]:
-    """Group the local parts of ``tensors`` by (device, dtype, reduce key), with their positions.
+    """Group the stored elements of ``tensors`` by (device, dtype, reduce key, sparse), with positions.
 
-    ``None`` and empty tensors are left out (an FSDP2 rank whose shard of a small
-    parameter is empty contributes 0, and the max of nothing would raise).
+    DTensors contribute their local shard and sparse tensors their (coalesced) values
+    (:func:`stored_values`); sparse ones get buckets of their own, whose element counts
+    change from step to step. ``None`` and empty tensors are left out (an FSDP2 rank
+    whose shard of a small parameter is empty contributes 0, and the max of nothing
+    would raise).
     """
     buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        local = local_tensor(t)
+        sparse = t.layout is not torch.strided
+        local = stored_values(t) if sparse else local_tensor(t)
         if local.numel() == 0:
             continue
-        key = (local.device, local.dtype, reduce_keys[i] if reduce_keys is not None else ())
+        key = (local.device, local.dtype, reduce_keys[i] if reduce_keys is not None else (), sparse)
         bucket = buckets.setdefault(key, ([], []))
         bucket[0].append(local)
         bucket[1].append(i)
@@ -379,14 +411,19 @@ def _bucket(
 def _bucket_index(
     cache: dict[Any, Any], key: tuple[Any, ...], device: torch.device, idx: list[int], ts: list[Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """Positions and element counts of a bucket as device tensors, built once per layout."""
+    """Positions and element counts of a bucket as device tensors, built once per layout.
+
+    Sparse buckets (``key[-1]``) are not cached: their number of stored elements varies.
+    """
     ckey = ("bucket", key, device, tuple(idx))
     cached = cache.get(ckey)
     if cached is None:
-        cached = cache[ckey] = (
+        cached = (
             torch.tensor(idx, device=device),
             torch.tensor([float(t.numel()) for t in ts], device=device),
         )
+        if not key[-1]:
+            cache[ckey] = cached
     return cached
 
 
@@ -695,6 +732,8 @@ def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
     sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
     for key, (ts, idx) in _bucket(grads).items():
         index, numel = _bucket_index(params.cache, key, device, idx, ts)
+        if key[-1]:  # sparse: the elements not stored are zeros too
+            numel = torch.tensor([float(local_tensor(grads[i]).numel()) for i in idx], device=device)
         nonzero.index_copy_(0, index, _foreach_norms(ts, 0.0).to(device))
         sizes.index_copy_(0, index, numel)
     gindex = grouping.index_tensor(device)

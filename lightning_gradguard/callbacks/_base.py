@@ -26,15 +26,19 @@ class GradGuardCallback(Callback):
         return _lightning.shared_snapshot(trainer, pl_module, phase, optimizer)
 
     def _grouping(self, params: ParamSet) -> Grouping:
-        """This callback's layers of ``params`` (from its ``group_by`` arguments), built once."""
-        cache: dict[int, Grouping] = self.__dict__.setdefault("_groupings", {})
-        grouping = cache.get(id(params))
-        if grouping is None or len(grouping.index) != len(params):
-            grouping = cache[id(params)] = Grouping.build(
-                params,
-                group_by=getattr(self, "group_by", "module"),
-                group_depth=getattr(self, "group_depth", None),
-                group_patterns=getattr(self, "group_patterns", None),
+        """This callback's layers of ``params`` (from its ``group_by`` arguments), built once per set.
+
+        Kept in the parameter set's own cache, so a rebuilt set (parameters added, a param
+        group appended) gets a fresh grouping and callbacks with the same arguments share one.
+        """
+        group_by = getattr(self, "group_by", "module")
+        group_depth = getattr(self, "group_depth", None)
+        group_patterns = getattr(self, "group_patterns", None)
+        key = ("grouping", group_by, group_depth, tuple(sorted((group_patterns or {}).items())))
+        grouping = params.cache.get(key)
+        if grouping is None:
+            grouping = params.cache[key] = Grouping.build(
+                params, group_by=group_by, group_depth=group_depth, group_patterns=group_patterns
             )
         return grouping
 

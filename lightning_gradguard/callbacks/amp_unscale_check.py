@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_gradguard import _lightning
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_positive_int
-from lightning_gradguard.stats import Grouping, ParamSet, validate_grouping_args, zero_fractions
+from lightning_gradguard.stats import validate_grouping_args, zero_fractions
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = True) -> None:
@@ -134,8 +134,6 @@ class AmpUnscaleCheck(GradGuardCallback):
         self._warned: set[str] = set()
         self._restore_clip: Any = None
         self._state: dict[str, Tensor] = {}
-        self._groupings: dict[int, Grouping] = {}
-        self._group_sizes: dict[int, list[int]] = {}
         self._zero_baseline: dict[str, tuple[float, float]] = {}  # group -> (lowest zero fraction, scale then)
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,9 +170,6 @@ class AmpUnscaleCheck(GradGuardCallback):
         if self._restore_clip is not None:
             self._restore_clip()
             self._restore_clip = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._groupings.clear()
 
     # ------------------------------------------------------------------ the checks
 
@@ -261,9 +256,12 @@ class AmpUnscaleCheck(GradGuardCallback):
         st["max_run"].zero_()
         metrics = {"amp/loss_scale": loss_scale, "amp/overflow_steps": overflow_steps, "amp/skip_rate": skip_rate}
         if self.track_underflow:
-            fractions = dict(zip(grouping.names, values[5:]))
-            sizes = self._group_sizes[id(grouping)]
-            total = sum(f * n for f, n in zip(fractions.values(), sizes)) / max(1, sum(sizes))
+            sizes = [0] * len(grouping)
+            for gi, p, has in zip(grouping.index, snap.params.params, snap.has_grad):
+                if has:
+                    sizes[gi] += p.numel()
+            fractions = {n: f for n, f, size in zip(grouping.names, values[5:], sizes) if size}
+            total = sum(f * n for f, n in zip(values[5:], sizes)) / max(1, sum(sizes))
             metrics["amp/zero_grad_fraction/total"] = total
             for name, frac in fractions.items():
                 metrics[f"amp/zero_grad_fraction/{name}"] = frac
@@ -340,15 +338,6 @@ class AmpUnscaleCheck(GradGuardCallback):
                 "ring": old.get("ring", torch.zeros(self.skip_rate_window, device=device)),
             }
         return self._state
-
-    def _grouping(self, params: ParamSet) -> Grouping:
-        grouping = super()._grouping(params)
-        if id(grouping) not in self._group_sizes:
-            sizes = [0] * len(grouping)
-            for gi, p in zip(grouping.index, params.params):
-                sizes[gi] += p.numel()
-            self._group_sizes[id(grouping)] = sizes
-        return grouping
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -148,7 +148,6 @@ class GradientNormLogger(GradGuardCallback):
         self.log_update_ratio = log_update_ratio
         self.histogram_every_n_steps = histogram_every_n_steps
         self.custom_scalars = custom_scalars
-        self._groupings: dict[int, Grouping] = {}
         self._pending: list[_PendingUpdate] = []
         self._last_backward_step: int | None = None
 
@@ -162,7 +161,6 @@ class GradientNormLogger(GradGuardCallback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._groupings.clear()
         self._pending.clear()
         self._last_backward_step = None
         if self.custom_scalars and trainer.is_global_zero:
@@ -229,17 +227,20 @@ class GradientNormLogger(GradGuardCallback):
         host = stats.to_host(extra)
 
         metrics: dict[str, float] = {f"{prefix}/{opt_seg}total": host.total_norm}
-        if self.per_layer and self.group_by != "total":
-            for name, value in host.group_norms.items():
-                metrics[f"{prefix}/{opt_seg}{name}"] = value
+        per_layer = self.per_layer and self.group_by != "total"
+        if per_layer:  # a layer without any gradient (frozen, unused this step) has no norm to log
+            for (name, value), present in zip(host.group_norms.items(), stats.present):
+                if present:
+                    metrics[f"{prefix}/{opt_seg}{name}"] = value
         if self.log_max_abs:
             metrics[f"grad_max_abs/{opt_seg}total"] = host.max_abs
         if self.log_param_norms:
             pnorms = host.extras[0]
             metrics[f"param_norm/{opt_seg}total"] = math.hypot(*pnorms)
-            if self.per_layer and self.group_by != "total":
-                for name, value in zip(grouping.names, pnorms):
-                    metrics[f"param_norm/{opt_seg}{name}"] = value
+            if per_layer:
+                for name, value, present in zip(grouping.names, pnorms, stats.present):
+                    if present:
+                        metrics[f"param_norm/{opt_seg}{name}"] = value
         _lightning.log_metrics(trainer, metrics, step)
 
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
@@ -268,8 +269,12 @@ class GradientNormLogger(GradGuardCallback):
         ratios, total = values[:-1], values[-1]
         metrics = {f"update_ratio/{pending.prefix}total": total}
         if self.per_layer and self.group_by != "total":
-            for name, value in zip(grouping.names, ratios):
-                metrics[f"update_ratio/{pending.prefix}{name}"] = value
+            present = [False] * len(grouping)
+            for gi, b in zip(grouping.index, pending.before):
+                present[gi] = present[gi] or b is not None
+            for name, value, has in zip(grouping.names, ratios, present):
+                if has:
+                    metrics[f"update_ratio/{pending.prefix}{name}"] = value
         _lightning.log_metrics(trainer, metrics, pending.step)
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:

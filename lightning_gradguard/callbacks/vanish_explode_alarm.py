@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_gradguard import _lightning
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
 from lightning_gradguard.diagnosis import KINDS, Finding, GradientAnomalyError, HealthDetector, build_finding
-from lightning_gradguard.stats import Grouping, validate_grouping_args
+from lightning_gradguard.stats import validate_grouping_args
 
 ACTIONS = ("warn", "skip", "stop", "raise")
 _STRENGTH = {"none": 0, "warn": 1, "skip": 2, "stop": 3, "raise": 4}
@@ -206,7 +206,6 @@ class VanishExplodeAlarm(GradGuardCallback):
         self.dump_paths: list[str] = []
         self._quiet: dict[str, int] = dict.fromkeys(KINDS, 0)
         self._in_episode: dict[str, bool] = dict.fromkeys(KINDS, False)
-        self._groupings: dict[int, Grouping] = {}
         self._loss_finite: Tensor | None = None
         self._batch: Any = None
         self._batch_idx: int | None = None
@@ -222,7 +221,6 @@ class VanishExplodeAlarm(GradGuardCallback):
     # ------------------------------------------------------------------ lifecycle
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._groupings.clear()
         self._loss_finite = None
         self.halted_at = None
 
