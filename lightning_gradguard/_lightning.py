@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_gradguard.stats import GradSnapshot, ParamSet, take_snapshot
+from lightning_gradguard.stats import GradSnapshot, ParamSet, agree_across_ranks, take_snapshot
 
 PHASE_BACKWARD = "backward"
 PHASE_STEP = "step"
@@ -160,6 +160,12 @@ def shared_snapshot(
     asks first computes it, the others get the same object, whatever their order. The
     snapshot shows the gradients as backward produced them (unscaled, before any clipping
     by a gradguard callback), so every callback sees the same numbers.
+
+    With several ranks, the step snapshot is made identical on every rank
+    (:func:`~lightning_gradguard.stats.agree_across_ranks`, one small all-reduce): DDP's
+    gradients are equal after its all-reduce, but anything that touches one rank's
+    gradients afterwards (a hook, an overflow) would otherwise make the ranks decide
+    differently and their clipping statistics and weights drift apart.
     """
     state = session(trainer)
     if phase == PHASE_BACKWARD:
@@ -172,8 +178,48 @@ def shared_snapshot(
     if snap is None:
         params = param_set(trainer, pl_module, optimizer)
         snap = take_snapshot(params, scale=pending_scale(trainer, optimizer, phase))
+        if phase == PHASE_STEP and trainer.world_size > 1:
+            snap = agree_across_ranks(snap)
         state.snapshots[key] = snap
     return snap
+
+
+def lift_min_limits(trainer: pl.Trainer) -> str | None:
+    """Let ``trainer.should_stop`` take effect now, although ``min_steps``/``min_epochs`` are not met.
+
+    Lightning ignores ``should_stop`` until ``Trainer(min_steps=..., min_epochs=...)`` are
+    reached (``FitLoop._can_stop_early``): after a halt the run would go on with every
+    update dropped. The limits are set to ``None`` on the fit loop (public attributes)
+    until :func:`restore_min_limits`. Returns what was lifted (``"min_steps=100"``), or
+    ``None`` when nothing stood in the way.
+    """
+    loop = trainer.fit_loop
+    lifted = []
+    if loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs:
+        lifted.append(("min_epochs", loop.min_epochs))
+    if loop.epoch_loop.min_steps and loop.epoch_loop.global_step < loop.epoch_loop.min_steps:
+        lifted.append(("min_steps", loop.epoch_loop.min_steps))
+    if not lifted:
+        return None
+    for name, _ in lifted:
+        if name == "min_epochs":
+            loop.min_epochs = None
+        else:
+            loop.epoch_loop.min_steps = None
+    return ", ".join(f"{name}={value}" for name, value in lifted)
+
+
+def restore_min_limits(trainer: pl.Trainer, lifted: str | None) -> None:
+    """Put back what :func:`lift_min_limits` took away (so a later ``fit`` sees the user's limits)."""
+    if not lifted:
+        return None
+    for part in lifted.split(", "):
+        name, value = part.split("=")
+        if name == "min_epochs":
+            trainer.fit_loop.min_epochs = int(value)
+        else:
+            trainer.fit_loop.epoch_loop.min_steps = int(value)
+    return None
 
 
 def drop_gradients(optimizer: torch.optim.Optimizer) -> None:

@@ -71,6 +71,8 @@ class Finding:
         zscore: z-score of log(total norm) against the run's history (exploding), if known.
         advice: remedies that fit this model.
         dump_path: where the crash dump was written, if one was.
+        dump_batch: which batch the crash dump holds (e.g. ``"batch_idx 6, the first
+            micro-batch of the step whose loss went non-finite (3 of 4 accumulated)"``).
     """
 
     kind: str
@@ -82,6 +84,7 @@ class Finding:
     zscore: float | None = None
     advice: list[str] = field(default_factory=list)
     dump_path: str | None = None
+    dump_batch: str | None = None
 
     def message(self) -> str:
         """A multi-line, human-readable report."""
@@ -94,7 +97,8 @@ class Finding:
             lines.append("  try:")
             lines.extend(f"   - {a}" for a in self.advice)
         if self.dump_path:
-            lines.append(f"  crash dump: {self.dump_path}")
+            held = f" (holds {self.dump_batch})" if self.dump_batch else ""
+            lines.append(f"  crash dump: {self.dump_path}{held}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,7 +115,8 @@ class HealthDetector:
 
     Per step, :meth:`update` returns a float32 device vector laid out as
     :attr:`FIELDS`: one 0/1 flag per kind (``nonfinite``, ``exploding``, ``vanishing``,
-    ``dead``, ``overflow``), then ``zscore``, ``ratio``, ``total_norm``, ``loss_scale``.
+    ``dead``, ``overflow``), then ``zscore`` (NaN until the spike rule is armed), ``ratio``
+    (NaN with fewer than two layers that have a gradient), ``total_norm``, ``loss_scale``.
     Reading it is the caller's single host copy for the step.
 
     Rules (every threshold is an argument):
@@ -337,7 +342,7 @@ class HealthDetector:
                 vanishing.float(),
                 dead.float(),
                 overflow.float(),
-                z,
+                torch.where(armed, z, torch.full_like(z, math.nan)),  # no z-score before the rule is armed
                 ratio,
                 total,
                 scale,
@@ -441,7 +446,7 @@ def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False) -
             out.append("add normalisation (LayerNorm/BatchNorm) to keep activations in range")
         out.append("check the initialisation scale (weights too large make every layer amplify)")
     elif kind in ("nonfinite", "overflow"):
-        out.append("check the batch for NaN/Inf (the crash dump holds it)")
+        out.append("check the batch for NaN/Inf (the crash dump holds the first micro-batch that went non-finite)")
         out.append("check the loss for log(0), division by zero or sqrt of a negative; add an epsilon")
         out.append("lower the learning rate; a diverged step makes the next one non-finite")
         if scaler_active or kind == "overflow":

@@ -56,6 +56,7 @@ __all__ = [
     "Grouping",
     "HostStats",
     "ParamSet",
+    "agree_across_ranks",
     "iter_group_tensors",
     "local_tensor",
     "reduce_norms",
@@ -684,6 +685,33 @@ class GradSnapshot:
     def all_finite(self) -> Tensor:
         """0-dim device bool: no NaN or Inf in any gradient."""
         return torch.isfinite(self.max_abs).all()
+
+
+def agree_across_ranks(snap: GradSnapshot, group: Any = None) -> GradSnapshot:
+    """The same snapshot on every rank: per tensor, the largest norm and max |g| over the ranks.
+
+    Data-parallel ranks hold equal gradients after their all-reduce, so this changes
+    nothing on a healthy step; it makes every decision taken from the snapshot (clip,
+    skip, stop, what enters a learned threshold) identical on every rank even when one
+    rank's gradients differ (a NaN written by a hook after the all-reduce, a rank-local
+    overflow). NaN and Inf travel as flags rather than through the MAX reduction (gloo's
+    MAX drops NaN): a NaN on any rank makes the entry NaN everywhere, an Inf makes it
+    Inf. One all-reduce of ``4 * len(params)`` floats; no host sync. Without an
+    initialised process group, or with one rank, ``snap`` is returned as it is.
+    """
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) < 2:
+        return snap
+    n = len(snap.params)
+    both = torch.cat([snap.norms, snap.max_abs])
+    nan, inf = torch.isnan(both), torch.isinf(both)
+    packed = torch.cat([torch.where(nan | inf, torch.zeros_like(both), both), nan.float(), inf.float()])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    values, any_nan, any_inf = packed[: 2 * n], packed[2 * n : 4 * n], packed[4 * n :]
+    values = torch.where(any_inf > 0, torch.full_like(values, math.inf), values)
+    values = torch.where(any_nan > 0, torch.full_like(values, math.nan), values)
+    return GradSnapshot(
+        params=snap.params, norms=values[:n], max_abs=values[n:], has_grad=snap.has_grad, scale=snap.scale
+    )
 
 
 def take_snapshot(params: ParamSet, *, scale: Tensor | float | None = None) -> GradSnapshot:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +30,36 @@ def _check_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
         allowed = "a finite number > 0" + (" or None" if allow_none else "")
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+@dataclass
+class _MicroBatch:
+    """One micro-batch behind the coming optimizer step: what a crash dump may need."""
+
+    batch_idx: int | None
+    batch: Any
+    loss_finite: Tensor | None = None  # device flags, read only when a dump is written
+    grad_finite: Tensor | None = None  # accumulated gradients finite after this micro-batch
+
+
+def _first_nonfinite(window: list[_MicroBatch]) -> tuple[int, str]:
+    """Position of the first micro-batch whose loss or accumulated gradient was non-finite, and which.
+
+    ``(last, "")`` when no flag says so (no accumulation, or only a later rule fired).
+    One host copy of the window's flags; runs only when a dump is written.
+    """
+    flags = [
+        (i, name, t)
+        for i, m in enumerate(window)
+        for name, t in (("loss", m.loss_finite), ("gradient", m.grad_finite))
+        if t is not None
+    ]
+    if flags:
+        finite = torch.stack([t.reshape(()).to(flags[0][2].device) for _, _, t in flags]).tolist()
+        for (i, name, _), ok in zip(flags, finite):
+            if not ok:
+                return i, name
+    return max(len(window) - 1, 0), ""
 
 
 class VanishExplodeAlarm(GradGuardCallback):
@@ -206,9 +237,10 @@ class VanishExplodeAlarm(GradGuardCallback):
         self.dump_paths: list[str] = []
         self._quiet: dict[str, int] = dict.fromkeys(KINDS, 0)
         self._in_episode: dict[str, bool] = dict.fromkeys(KINDS, False)
-        self._loss_finite: Tensor | None = None
-        self._batch: Any = None
-        self._batch_idx: int | None = None
+        # the micro-batches whose gradients the coming optimizer step applies (automatic
+        # optimisation: every batch since the last step; manual: the current batch)
+        self._window: list[_MicroBatch] = []
+        self._lifted_min: str | None = None
         self._restored_detectors: dict[int, dict[str, Any]] = {}
 
     @property
@@ -221,18 +253,37 @@ class VanishExplodeAlarm(GradGuardCallback):
     # ------------------------------------------------------------------ lifecycle
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._loss_finite = None
+        self._window.clear()
         self.halted_at = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._window.clear()
+        self._lifted_min = _lightning.restore_min_limits(trainer, self._lifted_min)
+        rank_zero_info(self.summary())
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch, self._batch_idx = batch, batch_idx
+        if not pl_module.automatic_optimization:
+            self._window.clear()  # manual optimisation: the user decides which backward passes reach a step
+        self._window.append(_MicroBatch(batch_idx, batch))
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)
-        finite = torch.isfinite(loss.detach()).all()
-        self._loss_finite = finite if self._loss_finite is None else (self._loss_finite & finite)
+        if self._window and pl_module.automatic_optimization:
+            self._window[-1].loss_finite = torch.isfinite(loss.detach()).all()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under gradient accumulation, note after each micro-batch whether the accumulated
+        # gradients are still finite (a device flag, no sync), so that a crash dump can hold
+        # the micro-batch that broke them. It reuses the shared micro-batch snapshot.
+        if (
+            self.crash_dump
+            and self._window
+            and pl_module.automatic_optimization
+            and trainer.accumulate_grad_batches > 1
+        ):
+            self._window[-1].grad_finite = self._snapshot(trainer, pl_module, _lightning.PHASE_BACKWARD).all_finite
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -249,13 +300,13 @@ class VanishExplodeAlarm(GradGuardCallback):
         detector = self._detector(opt_idx)
         scaler = _lightning.grad_scaler(trainer)
         scale = _lightning.current_scale(scaler) if scaler is not None else None
-        reading = detector.update(
-            stats, loss_finite=self._loss_finite, scaler_active=scaler is not None, loss_scale=scale
-        )
-        self._loss_finite = None
-        if trainer.world_size > 1:
-            # flags become "any rank"; the measurements are the same on every rank
-            reading = trainer.strategy.reduce(reading, reduce_op="mean")
+        window = self._window
+        if pl_module.automatic_optimization:
+            self._window = []  # the next step's gradients start from zero
+        loss_finite = self._losses_finite(trainer, window)
+        # the snapshot is the same on every rank (see _lightning.shared_snapshot) and so is
+        # loss_finite: the detector's state and reading are identical everywhere
+        reading = detector.update(stats, loss_finite=loss_finite, scaler_active=scaler is not None, loss_scale=scale)
         values = reading.tolist()  # the one host copy of the step
         self.steps_checked += 1
         fields = dict(zip(HealthDetector.FIELDS, values))
@@ -269,17 +320,38 @@ class VanishExplodeAlarm(GradGuardCallback):
                 if self._quiet[kind] >= self.episode_gap:
                     self._in_episode[kind] = False
         if active:
-            self._act(trainer, pl_module, optimizer, opt_idx, step, stats, values, active, scaler is not None)
+            self._act(trainer, pl_module, optimizer, opt_idx, step, stats, values, active, scaler is not None, window)
         if step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0 and trainer.loggers:
             seg = f"opt{opt_idx}/" if len(trainer.optimizers) > 1 else ""
             metrics = {f"alarm/{seg}{k}": float(self.counts[k]) for k in KINDS}
             metrics[f"alarm/{seg}skipped_steps"] = float(self.skipped_steps)
-            metrics[f"alarm/{seg}zscore"] = fields["zscore"]
-            metrics[f"alarm/{seg}deep_shallow_ratio"] = fields["ratio"]
+            # TensorBoard cannot draw NaN/Inf: a z-score before the spike rule is armed, or a
+            # ratio without two layers that have a gradient, is left out of that step
+            for key, name in (("zscore", "zscore"), ("ratio", "deep_shallow_ratio")):
+                if math.isfinite(fields[key]):
+                    metrics[f"alarm/{seg}{name}"] = fields[key]
             _lightning.log_metrics(trainer, metrics, step)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rank_zero_info(self.summary())
+    def _losses_finite(self, trainer: pl.Trainer, window: list[_MicroBatch]) -> Tensor | None:
+        """Whether every loss behind the gradients of this step was finite, the same on every rank.
+
+        Only the backward passes whose gradients the optimizer is about to apply count
+        (automatic optimisation: the micro-batches since the last step). Under manual
+        optimisation the decision rests on the gradients alone: the user chooses which
+        backward passes reach ``step()`` (a guarded ``if loss.isfinite(): opt.step()``
+        must not leave a stale flag for the next, clean step).
+        """
+        flags = [m.loss_finite for m in window if m.loss_finite is not None]
+        if not flags:
+            return None
+        finite = torch.stack(flags).all() if len(flags) > 1 else flags[0]
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce((~finite).float(), reduce_op="sum") == 0
+        return finite
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._window.clear()
+        self._lifted_min = _lightning.restore_min_limits(trainer, self._lifted_min)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, GradientAnomalyError):
@@ -298,6 +370,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         values: list[float],
         active: list[str],
         scaler_active: bool,
+        window: list[_MicroBatch],
     ) -> None:
         detector = self.detectors[opt_idx]
         cache: dict[str, Any] = {}
@@ -347,31 +420,57 @@ class VanishExplodeAlarm(GradGuardCallback):
         if _STRENGTH[strongest] >= _STRENGTH["skip"]:
             _lightning.drop_gradients(optimizer)
             self.skipped_steps += 1
+        stop_note = ""
         if _STRENGTH[strongest] >= _STRENGTH["stop"]:
             self.halted_at = step
             trainer.should_stop = True
+            if strongest == "stop":
+                lifted = _lightning.lift_min_limits(trainer)
+                if lifted:
+                    self._lifted_min = lifted
+                    stop_note = (
+                        f"\n  Trainer({lifted}) was not reached yet: Lightning would ignore the stop request and "
+                        "train on with every update dropped, so gradguard lifted it for this fit."
+                    )
             if self.crash_dump:
-                path = self._write_dump(trainer, step, host_view()[0], values, new_findings)
+                path, what = self._write_dump(trainer, step, host_view()[0], values, new_findings, window)
                 for f in new_findings:
                     f.dump_path = path
+                    f.dump_batch = what
         self.findings.extend(new_findings)
         for f in new_findings:
-            rank_zero_warn(f.message() + ("\n  training stops now." if strongest in ("stop",) else ""))
+            rank_zero_warn(f.message() + ("\n  training stops now." if strongest == "stop" else "") + stop_note)
         if strongest == "raise":
             raise GradientAnomalyError(next(f for f in new_findings if self.actions[f.kind] == "raise"))
 
     def _write_dump(
-        self, trainer: pl.Trainer, step: int, host: Any, values: list[float], findings: list[Finding]
-    ) -> str:
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        host: Any,
+        values: list[float],
+        findings: list[Finding],
+        window: list[_MicroBatch],
+    ) -> tuple[str, str]:
+        """Save the step's evidence; returns the path and which micro-batch the dump holds."""
         folder = self.dump_dir or trainer.log_dir or trainer.default_root_dir
         os.makedirs(folder, exist_ok=True)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = os.path.join(folder, f"gradguard_crash_step{step}{suffix}.pt")
-        batch = apply_to_collection(self._batch, Tensor, lambda t: t.detach().cpu())
+        culprit, cause = _first_nonfinite(window)
+        micro = window[culprit] if window else _MicroBatch(None, None)
+        if cause:
+            what = f"batch_idx {micro.batch_idx}, the first micro-batch of the step whose {cause} went non-finite"
+        else:
+            what = f"batch_idx {micro.batch_idx}, the step's last micro-batch"
+        if len(window) > 1:
+            what += f" ({culprit + 1} of {len(window)} accumulated)"
         payload = {
             "step": step,
-            "batch_idx": self._batch_idx,
-            "batch": batch,
+            "batch_idx": micro.batch_idx,
+            "batch": apply_to_collection(micro.batch, Tensor, lambda t: t.detach().cpu()),
+            "batch_cause": cause or None,
+            "window_batch_idx": [m.batch_idx for m in window],
             "group_norms": host.group_norms,
             "nonfinite_groups": list(host.nonfinite_groups),
             "total_norm": host.total_norm,
@@ -382,7 +481,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         }
         torch.save(payload, path)
         self.dump_paths.append(path)
-        return path
+        return path, what
 
     def summary(self) -> str:
         """A short health report of the run so far."""
