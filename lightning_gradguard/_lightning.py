@@ -56,6 +56,26 @@ def pending_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer | None, 
     return current_scale(scaler)
 
 
+def check_strategy(strategy: Any, callback: str) -> None:
+    """Refuse strategies whose gradients gradguard cannot see, naming the strategy and what to use.
+
+    DeepSpeed (ZeRO) keeps gradients in the engine's partitioned buffers, not in
+    ``param.grad``: every norm, clip and NaN check would be silently wrong there.
+
+    Raises:
+        ValueError: for a ``DeepSpeedStrategy``.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy  # the class imports without deepspeed installed
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(
+            f"{callback} does not support {type(strategy).__name__}: DeepSpeed keeps the gradients in its engine's "
+            "partitioned buffers, not in `param.grad`, so gradguard's norms, clipping and NaN checks would be "
+            "silently wrong. Use strategy='ddp', 'fsdp' or ModelParallelStrategy (FSDP2) with gradguard, or "
+            "DeepSpeed's own `gradient_clipping` and overflow checks with DeepSpeed."
+        )
+
+
 def raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
     return getattr(optimizer, "_optimizer", optimizer)

@@ -801,6 +801,10 @@ class UnitwiseClip:
         self.eps = float(eps)
         self.exclude = tuple(exclude or ())
         self.excluded: tuple[str, ...] = tuple(n for n in params.names if any(r.search(n) for r in patterns))
+        #: patterns of ``exclude`` that match no parameter name (most likely a typo)
+        self.unmatched: tuple[str, ...] = tuple(
+            text for text, r in zip(self.exclude, patterns) if not any(r.search(n) for n in params.names)
+        )
         skip = set(self.excluded)
         self.matrices: tuple[int, ...] = ()
         self.vectors: tuple[int, ...] = ()

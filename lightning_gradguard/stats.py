@@ -218,6 +218,11 @@ def validate_grouping_args(
     elif group_depth is not None:
         raise ValueError(f"`group_depth` is only used with `group_by='depth'`, got group_by={group_by!r}.")
     compiled: list[tuple[str, re.Pattern[str]]] = []
+    if group_patterns is not None and not isinstance(group_patterns, Mapping):
+        raise ValueError(
+            "`group_patterns` must be a mapping of group name to regular expression (e.g. "
+            f"{{'encoder': '^encoder\\\\.'}}) or None, got {type(group_patterns).__name__} {group_patterns!r}."
+        )
     if group_by == "pattern":
         if not group_patterns:
             raise ValueError(

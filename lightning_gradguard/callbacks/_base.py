@@ -15,6 +15,9 @@ from lightning_gradguard.stats import GradSnapshot, Grouping, ParamSet
 class GradGuardCallback(Callback):
     """Base class: counts backward passes so that all gradguard callbacks share one snapshot."""
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _lightning.check_strategy(trainer.strategy, type(self).__name__)
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         _lightning.note_backward(trainer, loss)
 

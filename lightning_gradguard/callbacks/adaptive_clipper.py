@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_gradguard import _lightning
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_choice, check_positive_int
@@ -21,6 +24,7 @@ from lightning_gradguard.policies import (
     check_number,
     clip_by_value_,
     clip_coefficient,
+    coalesce_sparse_grads_,
     compile_patterns,
     scale_,
     total_norm_of,
@@ -128,9 +132,9 @@ class AdaptiveClipper(GradGuardCallback):
       rank skips the same steps).
     - The state (statistics and counters, one set per optimizer) is saved in checkpoints;
       a resumed run follows the same thresholds as an uninterrupted one. ``state_key``
-      holds the mode and the parameters that define its statistics (``percentile`` and
-      ``window``; ``z_threshold`` and ``ema_decay``; ...), so several clippers fit in one
-      checkpoint, and options such as ``max_norm`` or ``skip_factor`` may change on resume.
+      holds every setting, so several clippers fit in one checkpoint; options such as
+      ``max_norm`` or ``skip_factor`` may still change on resume (a saved clipper with the
+      same mode and statistics arguments is then taken over, with a note).
     - Under DDP and FSDP2 every rank computes the same threshold from the same
       (all-reduced or shard-combined) norm. ``agc`` needs every row of a weight on one
       rank, which FSDP2's default ``Shard(0)`` gives.
@@ -293,13 +297,48 @@ class AdaptiveClipper(GradGuardCallback):
         self._rules: dict[int, LearnedThreshold] = {}
         self._agc: dict[int, UnitwiseClip] = {}
         self._restored_rules: dict[int, dict[str, Any]] = {}
+        self._warned_patterns: set[str] = set()
 
     # ------------------------------------------------------------------ identity
 
     @property
     def state_key(self) -> str:
-        identifying = {name: getattr(self, name) for name in STATE_ARGS[self.mode]}
-        return self._generate_state_key(mode=self.mode, **identifying)
+        """Every setting, so that two clippers that differ in anything fit in one checkpoint."""
+        settings = {name: getattr(self, name) for name in MODE_ARGS[self.mode]}
+        return self._generate_state_key(mode=self.mode, log_every_n_steps=self.log_every_n_steps, **settings)
+
+    def _statistics_identity(self) -> dict[str, Any]:
+        """The settings that define what the saved statistics mean (mode, percentile/window, ...)."""
+        return {"mode": self.mode, **{name: getattr(self, name) for name in STATE_ARGS[self.mode]}}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Resume the statistics of a clipper saved with other options (``max_norm``, ``skip_factor``, ...).
+
+        Lightning finds a callback's state by its ``state_key``, which holds every setting.
+        When none matches but exactly one saved clipper has the same statistics identity
+        (mode and the arguments that define the statistics), its state is taken, so that
+        options may change on resume; a note says so.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        identity = self._statistics_identity()
+        matches = [
+            key
+            for key, state in states.items()
+            if isinstance(key, str)
+            and key.startswith(f"{type(self).__qualname__}{{")
+            and isinstance(state, dict)
+            and state.get("identity") == identity
+        ]
+        if len(matches) == 1:
+            states[self.state_key] = states[matches[0]]
+            rank_zero_info(
+                f"[gradguard] {self!r} resumes the statistics saved by {matches[0]} (same statistics, other options)."
+            )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{n}={getattr(self, n)!r}" for n in ("mode", *MODE_ARGS[self.mode]))
@@ -308,6 +347,7 @@ class AdaptiveClipper(GradGuardCallback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         clip_val = trainer.gradient_clip_val
@@ -360,6 +400,9 @@ class AdaptiveClipper(GradGuardCallback):
             clipped = coef < 1
         elif self.mode == "value":
             threshold = self.clip_value
+            _check_elementwise(snap.params)
+            coalesce_sparse_grads_(snap.params.params)  # each stored entry clamped once
+            grads = [p.grad for p in snap.params.params]
             clip_by_value_(grads, self.clip_value, scale=snap.scale, finite=finite)
             clipped = finite & (snap.max_abs.max() > self.clip_value)
             if log_now:
@@ -457,6 +500,8 @@ class AdaptiveClipper(GradGuardCallback):
         if rule is not None:
             rule.note_seen(int(host[-2]))  # lets the rule skip its start-phase work, no extra copy
         metrics = {f"clip/{seg}{n}": v for n, v in zip(names, host)}
+        if not math.isfinite(metrics.get(f"clip/{seg}threshold", 0.0)):
+            del metrics[f"clip/{seg}threshold"]  # unbounded: TensorBoard cannot draw inf
         metrics[f"clip/{seg}clipped_fraction"] = host[-1] / max(state.interval_steps, 1)
         if self.mode in _LEARNED:
             metrics[f"clip/{seg}skipped_steps"] = float(state.skipped_steps)
@@ -497,6 +542,13 @@ class AdaptiveClipper(GradGuardCallback):
             plan = self._agc[idx] = UnitwiseClip(
                 params, clipping=self.agc_clipping, eps=self.agc_eps, exclude=self.agc_exclude
             )
+            for pattern in plan.unmatched:
+                if pattern not in self._warned_patterns:
+                    self._warned_patterns.add(pattern)
+                    rank_zero_warn(
+                        f"[gradguard] AdaptiveClipper(agc_exclude=...): the pattern {pattern!r} matches no parameter "
+                        f"name of optimizer {idx} (names look like {params.names[0]!r}); nothing is excluded by it."
+                    )
         return plan
 
     # ------------------------------------------------------------------ inspection
@@ -532,6 +584,7 @@ class AdaptiveClipper(GradGuardCallback):
         rules = {i: r.state_dict() for i, r in self._rules.items()}
         rules.update({i: s for i, s in self._restored_rules.items() if i not in rules})
         return {
+            "identity": self._statistics_identity(),
             "rules": rules,
             "optimizers": {
                 i: {
@@ -556,6 +609,20 @@ class AdaptiveClipper(GradGuardCallback):
             )
             for i, s in state_dict.get("optimizers", {}).items()
         }
+
+
+def _check_elementwise(params: ParamSet) -> None:
+    """Refuse value clipping of complex parameters, naming them (checked once per parameter set)."""
+    if params.cache.get("elementwise_ok"):
+        return
+    complex_names = [n for n, p in zip(params.names, params.params) if p.is_complex()]
+    if complex_names:
+        raise ValueError(
+            f"AdaptiveClipper(mode='value') cannot clip the complex parameter(s) {complex_names}: clamping each "
+            "element to [-clip_value, clip_value] has no meaning for complex numbers. Use mode='norm' or "
+            "'agc', or give these parameters to another optimizer."
+        )
+    params.cache["elementwise_ok"] = True
 
 
 def _to_host(values: list[Tensor | float | int], device: torch.device) -> list[float]:

@@ -62,7 +62,8 @@ class AmpUnscaleCheck(GradGuardCallback):
     steps one host copy (plus one ``foreach`` pass over the gradients for underflow).
 
     Logged keys (at ``log_every_n_steps``): ``amp/loss_scale``, ``amp/overflow_steps``
-    (steps whose gradients overflowed so far), ``amp/skip_rate`` (over the window),
+    (steps whose gradients overflowed so far), ``amp/skip_rate`` (over the last
+    ``skip_rate_window`` steps, or all steps so far while fewer),
     ``amp/zero_grad_fraction/total`` and ``amp/zero_grad_fraction/<group>``
     (``track_underflow=True``).
 
@@ -70,7 +71,8 @@ class AmpUnscaleCheck(GradGuardCallback):
         log_every_n_steps: logging and checking interval; ``None``: the Trainer's.
         min_loss_scale: warn when the scale falls below this.
         max_skip_rate: warn when more than this fraction of the last ``skip_rate_window``
-            steps overflowed, in (0, 1].
+            steps overflowed, in (0, 1] (judged once a full window of steps was seen: the first steps
+            overflow while the scaler calibrates its scale).
         skip_rate_window: steps in the skip-rate window.
         max_consecutive_overflows: warn after this many overflow steps in a row.
         track_underflow: measure the fraction of exactly-zero gradient elements.
@@ -139,6 +141,7 @@ class AmpUnscaleCheck(GradGuardCallback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         scaler = _lightning.grad_scaler(trainer)
@@ -245,14 +248,17 @@ class AmpUnscaleCheck(GradGuardCallback):
         parts = [
             (scale if scale is not None else torch.ones(())).to(st["steps"]).reshape(1),
             st["overflow_steps"].reshape(1),
-            (st["ring"].sum() / self.skip_rate_window).reshape(1),
+            # over the steps seen so far while fewer than the window
+            (st["ring"].sum() / st["steps"].clamp(1, self.skip_rate_window)).reshape(1),
             st["max_run"].reshape(1),
             st["run"].reshape(1),
+            st["steps"].reshape(1),
         ]
         if self.track_underflow:
             parts.append(zero_fractions(snap.params, grouping).to(st["steps"]))
         values = torch.cat(parts).tolist()  # the one host copy of a logging step
-        loss_scale, overflow_steps, skip_rate, max_run, run = values[:5]
+        loss_scale, overflow_steps, skip_rate, max_run, run, steps = values[:6]
+        window = int(min(steps, self.skip_rate_window))
         st["max_run"].zero_()
         metrics = {"amp/loss_scale": loss_scale, "amp/overflow_steps": overflow_steps, "amp/skip_rate": skip_rate}
         if self.track_underflow:
@@ -260,8 +266,8 @@ class AmpUnscaleCheck(GradGuardCallback):
             for gi, p, has in zip(grouping.index, snap.params.params, snap.has_grad):
                 if has:
                     sizes[gi] += p.numel()
-            fractions = {n: f for n, f, size in zip(grouping.names, values[5:], sizes) if size}
-            total = sum(f * n for f, n in zip(values[5:], sizes)) / max(1, sum(sizes))
+            fractions = {n: f for n, f, size in zip(grouping.names, values[6:], sizes) if size}
+            total = sum(f * n for f, n in zip(values[6:], sizes)) / max(1, sum(sizes))
             metrics["amp/zero_grad_fraction/total"] = total
             for name, frac in fractions.items():
                 metrics[f"amp/zero_grad_fraction/{name}"] = frac
@@ -274,10 +280,11 @@ class AmpUnscaleCheck(GradGuardCallback):
                 f"{step}: gradients overflow even barely scaled, so the model itself is producing huge or non-finite "
                 "values. Look for exploding gradients (VanishExplodeAlarm), lower the learning rate, or train in bf16.",
             )
-        if skip_rate > self.max_skip_rate:
+        # judged over a full window: the first steps of a run overflow while the scaler calibrates
+        if skip_rate > self.max_skip_rate and steps >= self.skip_rate_window:
             self._warn_once(
                 "thrashing",
-                f"{skip_rate:.0%} of the last {self.skip_rate_window} optimizer steps were skipped for fp16 overflow "
+                f"{skip_rate:.0%} of the last {window} optimizer steps were skipped for fp16 overflow "
                 f"(max_skip_rate={self.max_skip_rate:g}) at step {step}: the GradScaler is thrashing and those steps "
                 "train nothing. Lower the GradScaler's growth_factor or raise its growth_interval, lower the learning "
                 "rate, or use bf16.",

@@ -154,6 +154,7 @@ class GradientNormLogger(GradGuardCallback):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn(
                 "GradientNormLogger has no logger to write to (the Trainer has `logger=False`); "

@@ -245,9 +245,17 @@ class VanishExplodeAlarm(GradGuardCallback):
 
     @property
     def state_key(self) -> str:
+        """Every setting, so that two alarms that differ in anything fit in one checkpoint."""
         return self._generate_state_key(
             actions=tuple(sorted(self.actions.items())),
-            **{k: self.detector_kwargs[k] for k in ("max_norm", "patience")},
+            **self.detector_kwargs,
+            episode_gap=self.episode_gap,
+            group_by=self.group_by,
+            group_depth=self.group_depth,
+            group_patterns=self.group_patterns,
+            log_every_n_steps=self.log_every_n_steps,
+            crash_dump=self.crash_dump,
+            dump_dir=self.dump_dir,
         )
 
     # ------------------------------------------------------------------ lifecycle
