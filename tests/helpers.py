@@ -130,6 +130,7 @@ def make_trainer(tmp_path, callbacks, *, logger=None, **kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         log_every_n_steps=1,
         deterministic=True,
+        default_root_dir=str(tmp_path),  # crash dumps of logger-less runs land here, not in the working directory
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

@@ -332,3 +332,17 @@ def test_ddp_nan_on_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
     assert ranks[0]["final"] == ranks[1]["final"]
     assert ranks[1]["dumps"] and ranks[1]["dumps"][0].endswith("_rank1.pt")
     assert elapsed < TIMEOUT_S
+
+
+def test_ddp_nan_on_one_rank_keeps_clipper_state_and_weights_identical(tmp_path):
+    """A NaN on rank 1 only, after the all-reduce, with AdaptiveClipper and halt_on_nan=False:
+    both ranks skip the step, carry on, and keep the same statistics and weights."""
+    _lightning_run("ddp_alarm.py", tmp_path, "carry-on")
+    ranks = [_load(tmp_path / f"rank{r}.json") for r in range(WORLD)]
+    for rec in ranks:
+        assert rec["halted_at"] is None and rec["global_step"] == 12, rec
+        assert rec["skipped_steps"] == 1 and rec["finite"], rec
+        assert rec["counts"]["nonfinite"] == 1
+        assert rec["clip_state"]["seen"] == 11, "the NaN step must not enter the statistics on any rank"
+    assert ranks[0]["clip_state"] == ranks[1]["clip_state"], "the clipping statistics diverged across ranks"
+    assert ranks[0]["final"] == ranks[1]["final"], "the weights diverged across ranks"

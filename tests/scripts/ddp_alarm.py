@@ -2,12 +2,15 @@
 
 Usage::
 
-    python ddp_alarm.py OUT_DIR
+    python ddp_alarm.py OUT_DIR [carry-on]
 
-At step ``BAD_STEP`` a callback placed before ``VanishExplodeAlarm`` writes a NaN into one
+At step ``BAD_STEP`` a callback placed before the gradguard callbacks writes a NaN into one
 gradient element on rank 1 only (after DDP's all-reduce, so rank 0's gradients stay
-finite). The alarm must stop both ranks at that step, skip it on both, and leave identical,
-finite weights. Every rank writes ``OUT_DIR/rank<r>.json``.
+finite). By default ``VanishExplodeAlarm`` must stop both ranks at that step, skip it on
+both, and leave identical, finite weights. With ``carry-on``, an ``AdaptiveClipper``
+(z-score) sits before ``VanishExplodeAlarm(halt_on_nan=False)``: both ranks must skip the
+step, go on, and keep identical clipping statistics and weights. Every rank writes
+``OUT_DIR/rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import VanishExplodeAlarm
+from lightning_gradguard import AdaptiveClipper, VanishExplodeAlarm
 
 BAD_STEP = 3
 
@@ -57,18 +60,21 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    carry_on = sys.argv[2:] == ["carry-on"]
     model = Net()
-    alarm = VanishExplodeAlarm(dump_dir=os.path.join(out_dir, "dumps"))
+    alarm = VanishExplodeAlarm(dump_dir=os.path.join(out_dir, "dumps"), halt_on_nan=not carry_on)
+    clipper = AdaptiveClipper(mode="zscore", warmup_steps=2)
+    callbacks = [PoisonOneRank(), clipper, alarm] if carry_on else [PoisonOneRank(), alarm]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_steps=20,
+        max_steps=12 if carry_on else 20,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[PoisonOneRank(), alarm],
+        callbacks=callbacks,
     )
     trainer.fit(model, data)
     rank = trainer.global_rank
@@ -84,6 +90,9 @@ def main() -> None:
         "before_bad_step": model.weights_after.get(BAD_STEP),
         "dumps": alarm.dump_paths,
     }
+    if carry_on:
+        rule = clipper.threshold_rule(0)
+        record["clip_state"] = {k: v.tolist() for k, v in rule.state_dict().items()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(record, fh)
 
