@@ -265,20 +265,20 @@ def hook_times(trainer: Any, model: Any, batch: torch.Tensor, callbacks: list[An
     The shared snapshot is dropped before every call so that its cost (the norms) is
     included, as on a real step; ``clip_grad_norm_`` computes its norm too.
     """
-    from lightning_gradguard import _lightning
+    from lightning_gradguard.callbacks import _session
 
     model.zero_grad(set_to_none=True)
     model.loss((batch,)).backward()
     params = [p for p in model.parameters() if p.grad is not None]
     optimizer = trainer.optimizers[0]
-    state = _lightning.session(trainer)
+    state = _session.session(trainer)
     names = [
         c.state_key.split("{")[0] if not isinstance(c, AdaptiveClipper) else f"adaptive_{c.mode}" for c in callbacks
     ]
     jobs: dict[str, Callable[[], Any]] = {"clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)}
     for name, cb in zip(names, callbacks):
         jobs[name if isinstance(cb, AdaptiveClipper) else "zclip"] = lambda cb=cb: (
-            state.snapshots.clear(),
+            state.clear_snapshots(),
             cb.on_before_optimizer_step(trainer, model, optimizer),
         )
     times: dict[str, list[float]] = {name: [] for name in jobs}

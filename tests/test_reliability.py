@@ -17,7 +17,7 @@ from helpers import WeightHistory, assert_close_rel, fp16_cpu_plugin, loader, ma
 from torch import nn
 
 from lightning_gradguard import AdaptiveClipper, AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm
-from lightning_gradguard._lightning import check_strategy
+from lightning_gradguard.callbacks._session import check_strategy
 
 UNFREEZE_STEP = 4
 

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks import _session
 from lightning_gradguard.stats import GradSnapshot, Grouping, ParamSet
 
 
@@ -16,17 +17,17 @@ class GradGuardCallback(Callback):
     """Base class: counts backward passes so that all gradguard callbacks share one snapshot."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _lightning.check_strategy(trainer.strategy, type(self).__name__)
+        _session.check_strategy(trainer.strategy, type(self).__name__)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        _lightning.note_backward(trainer, loss)
+        _session.note_backward(trainer, loss)
 
     def _snapshot(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: str, optimizer: Any = None
     ) -> GradSnapshot:
         if optimizer is not None:
             optimizer = _lightning.raw_optimizer(optimizer)
-        return _lightning.shared_snapshot(trainer, pl_module, phase, optimizer)
+        return _session.shared_snapshot(trainer, pl_module, phase, optimizer)
 
     def _grouping(self, params: ParamSet) -> Grouping:
         """This callback's layers of ``params`` (from its ``group_by`` arguments), built once per set.

@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_choice, check_positive_int
 from lightning_gradguard.policies import (
     MODES,
@@ -373,11 +374,11 @@ class AdaptiveClipper(GradGuardCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         optimizer = _lightning.raw_optimizer(optimizer)
-        idx = _lightning.optimizer_index(trainer, optimizer)
+        idx = _session.optimizer_index(trainer, optimizer)
         state = self._opt.setdefault(idx, _OptState())
         step = trainer.global_step
         log_now = bool(trainer.loggers) and step % self._interval(trainer) == 0
-        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_STEP, optimizer)
+        snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         state.steps += 1
         state.interval_steps += 1
         if not any(snap.has_grad):  # no backward this step: nothing to clip, nothing to learn
@@ -417,7 +418,7 @@ class AdaptiveClipper(GradGuardCallback):
                 spike = finite & (pre > self.skip_factor * threshold)
                 skipped = trainer.strategy.reduce_boolean_decision(bool(spike), all=False)
             if skipped:
-                _lightning.drop_gradients(optimizer)
+                _session.drop_gradients(optimizer)
                 state.skipped_steps += 1
                 coef = torch.zeros_like(coef)
                 rule.observe(pre, torch.zeros((), dtype=torch.bool, device=device))
@@ -507,7 +508,7 @@ class AdaptiveClipper(GradGuardCallback):
             metrics[f"clip/{seg}skipped_steps"] = float(state.skipped_steps)
         state.interval_steps = 0
         state.interval_clipped = 0
-        _lightning.log_metrics(trainer, metrics, step)
+        _session.log_metrics(trainer, metrics, step)
 
     # ------------------------------------------------------------------ helpers
 

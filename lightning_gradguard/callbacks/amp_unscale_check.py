@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_positive_int
 from lightning_gradguard.stats import validate_grouping_args, zero_fractions
 
@@ -144,7 +145,7 @@ class AmpUnscaleCheck(GradGuardCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        scaler = _lightning.grad_scaler(trainer)
+        scaler = _session.grad_scaler(trainer)
         self.active = scaler is not None
         if not self.active:
             precision = getattr(trainer.precision_plugin, "precision", "32-true")
@@ -179,7 +180,7 @@ class AmpUnscaleCheck(GradGuardCallback):
     def _checked_clip(self, trainer: pl.Trainer, original: Any, optimizer: Any, clip_val: Any, algorithm: Any) -> None:
         """Lightning's ``clip_gradients``, made right when the gradients are still scaled."""
         kwargs = {} if algorithm is None else {"gradient_clip_algorithm": algorithm}
-        scaler = _lightning.grad_scaler(trainer)
+        scaler = _session.grad_scaler(trainer)
         raw = _lightning.raw_optimizer(optimizer)
         if scaler is None or not clip_val or _lightning.optimizer_unscaled(scaler, raw):
             return original(optimizer, clip_val, **kwargs)
@@ -209,7 +210,7 @@ class AmpUnscaleCheck(GradGuardCallback):
     ) -> None:
         if not self.active:
             return
-        scaler = _lightning.grad_scaler(trainer)
+        scaler = _session.grad_scaler(trainer)
         if scaler is None:
             return
         optimizer = _lightning.raw_optimizer(optimizer)
@@ -226,7 +227,7 @@ class AmpUnscaleCheck(GradGuardCallback):
                 "of its own statistics and clips. Fix for your own code: divide by "
                 "trainer.precision_plugin.scaler.get_scale(), or use a non-fused optimizer.",
             )
-        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_STEP, optimizer)
+        snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         scale = _lightning.current_scale(scaler)
         st = self._device_state(snap.norms.device)
         overflow = (~snap.all_finite).float()
@@ -272,7 +273,7 @@ class AmpUnscaleCheck(GradGuardCallback):
             for name, frac in fractions.items():
                 metrics[f"amp/zero_grad_fraction/{name}"] = frac
             self._check_underflow(fractions, loss_scale)
-        _lightning.log_metrics(trainer, metrics, step)
+        _session.log_metrics(trainer, metrics, step)
         if loss_scale < self.min_loss_scale:
             self._warn_once(
                 "low_scale",

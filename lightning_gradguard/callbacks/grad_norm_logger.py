@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
 from lightning_gradguard.stats import (
     Grouping,
@@ -178,7 +179,7 @@ class GradientNormLogger(GradGuardCallback):
         if step % self._interval(trainer) or self._last_backward_step == step:
             return
         self._last_backward_step = step
-        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_BACKWARD)
+        snap = self._snapshot(trainer, pl_module, _session.PHASE_BACKWARD)
         self._log(trainer, pl_module, snap, None, "grad_norm_microbatch", step)
 
     def on_before_optimizer_step(
@@ -190,7 +191,7 @@ class GradientNormLogger(GradGuardCallback):
         if step % self._interval(trainer):
             return
         optimizer = _lightning.raw_optimizer(optimizer)
-        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_STEP, optimizer)
+        snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         self._log(trainer, pl_module, snap, optimizer, "grad_norm", step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -216,7 +217,7 @@ class GradientNormLogger(GradGuardCallback):
         stats = snap.grouped(grouping)
         opt_seg = ""
         if optimizer is not None and len(trainer.optimizers) > 1:
-            opt_seg = f"opt{_lightning.optimizer_index(trainer, optimizer)}/"
+            opt_seg = f"opt{_session.optimizer_index(trainer, optimizer)}/"
         extra: list[Tensor] = []
         param_norms: Tensor | None = None
         if self.log_param_norms or (self.log_update_ratio and optimizer is not None):
@@ -242,7 +243,7 @@ class GradientNormLogger(GradGuardCallback):
                 for name, value, present in zip(grouping.names, pnorms, stats.present):
                     if present:
                         metrics[f"param_norm/{opt_seg}{name}"] = value
-        _lightning.log_metrics(trainer, metrics, step)
+        _session.log_metrics(trainer, metrics, step)
 
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
@@ -276,7 +277,7 @@ class GradientNormLogger(GradGuardCallback):
             for name, value, has in zip(grouping.names, ratios, present):
                 if has:
                     metrics[f"update_ratio/{pending.prefix}{name}"] = value
-        _lightning.log_metrics(trainer, metrics, pending.step)
+        _session.log_metrics(trainer, metrics, pending.step)
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

@@ -15,6 +15,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_gradguard import _lightning
+from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
 from lightning_gradguard.diagnosis import KINDS, Finding, GradientAnomalyError, HealthDetector, build_finding
 from lightning_gradguard.stats import validate_grouping_args
@@ -291,28 +292,28 @@ class VanishExplodeAlarm(GradGuardCallback):
             and pl_module.automatic_optimization
             and trainer.accumulate_grad_batches > 1
         ):
-            self._window[-1].grad_finite = self._snapshot(trainer, pl_module, _lightning.PHASE_BACKWARD).all_finite
+            self._window[-1].grad_finite = self._snapshot(trainer, pl_module, _session.PHASE_BACKWARD).all_finite
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         optimizer = _lightning.raw_optimizer(optimizer)
         if self.halted_at is not None:  # stopping: no further update may happen
-            _lightning.drop_gradients(optimizer)
+            _session.drop_gradients(optimizer)
             return
         step = trainer.global_step
-        opt_idx = _lightning.optimizer_index(trainer, optimizer)
-        snap = self._snapshot(trainer, pl_module, _lightning.PHASE_STEP, optimizer)
+        opt_idx = _session.optimizer_index(trainer, optimizer)
+        snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         grouping = self._grouping(snap.params)
         stats = snap.grouped(grouping)
         detector = self._detector(opt_idx)
-        scaler = _lightning.grad_scaler(trainer)
+        scaler = _session.grad_scaler(trainer)
         scale = _lightning.current_scale(scaler) if scaler is not None else None
         window = self._window
         if pl_module.automatic_optimization:
             self._window = []  # the next step's gradients start from zero
         loss_finite = self._losses_finite(trainer, window)
-        # the snapshot is the same on every rank (see _lightning.shared_snapshot) and so is
+        # the snapshot is the same on every rank (see _session.shared_snapshot) and so is
         # loss_finite: the detector's state and reading are identical everywhere
         reading = detector.update(stats, loss_finite=loss_finite, scaler_active=scaler is not None, loss_scale=scale)
         values = reading.tolist()  # the one host copy of the step
@@ -338,7 +339,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             for key, name in (("zscore", "zscore"), ("ratio", "deep_shallow_ratio")):
                 if math.isfinite(fields[key]):
                     metrics[f"alarm/{seg}{name}"] = fields[key]
-            _lightning.log_metrics(trainer, metrics, step)
+            _session.log_metrics(trainer, metrics, step)
 
     def _losses_finite(self, trainer: pl.Trainer, window: list[_MicroBatch]) -> Tensor | None:
         """Whether every loss behind the gradients of this step was finite, the same on every rank.
@@ -426,7 +427,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         if "nonfinite" in active and _STRENGTH[strongest] < _STRENGTH["skip"]:
             strongest = "skip"  # a non-finite step never reaches the weights
         if _STRENGTH[strongest] >= _STRENGTH["skip"]:
-            _lightning.drop_gradients(optimizer)
+            _session.drop_gradients(optimizer)
             self.skipped_steps += 1
         stop_note = ""
         if _STRENGTH[strongest] >= _STRENGTH["stop"]:
