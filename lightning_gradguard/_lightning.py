@@ -15,12 +15,14 @@ real error, never swallowed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support  # private: torch's own foreach gate
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 # --------------------------------------------------------------------------------------
 # torch: foreach kernels

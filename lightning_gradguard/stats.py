@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard import _lightning
+
 try:  # torch.distributed may be absent from some builds
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -57,12 +59,14 @@ __all__ = [
     "HostStats",
     "ParamSet",
     "agree_across_ranks",
+    "bucket",
     "iter_group_tensors",
     "local_tensor",
     "reduce_norms",
     "stored_values",
     "take_snapshot",
     "tensor_stats",
+    "total_norm",
     "zero_fractions",
 ]
 
@@ -330,31 +334,15 @@ def local_tensor(t: Tensor) -> Tensor:
     return t
 
 
-def _foreach_norms(tensors: list[Tensor], ord: float) -> Tensor:
+def _norms(tensors: list[Tensor], ord: float) -> Tensor:
     """Per-tensor norms of same-device, same-dtype tensors, as one float32 vector."""
     dtype = torch.float32 if tensors[0].dtype in _LOW_PRECISION else None
-    device = tensors[0].device
-    try:
-        norms = torch._foreach_norm(tensors, ord, dtype=dtype)
-    except (RuntimeError, NotImplementedError):  # no foreach kernel for this device/layout
-        norms = [torch.linalg.vector_norm(t, ord, dtype=dtype) for t in tensors]
-    return torch.stack(norms).to(device=device, dtype=torch.float32)
+    return torch.stack(_lightning.foreach_norm(tensors, ord, dtype=dtype)).to(torch.float32)
 
 
-def _foreach_max_abs(tensors: list[Tensor]) -> Tensor:
-    """Per-tensor max |x| of same-device, same-dtype tensors, as one float32 vector.
-
-    On CUDA the foreach inf-norm kernel does it without a copy. On CPU that kernel is slow
-    (2.5 ms against 0.5 ms for the 147 gradients of the benchmark model, one thread), so
-    the CPU path takes ``abs`` into a temporary copy and a foreach max instead.
-    """
-    if tensors[0].device.type == "cpu" and hasattr(torch, "_foreach_max"):
-        try:
-            maxes = torch._foreach_max(torch._foreach_abs(tensors))
-            return torch.stack(maxes).to(torch.float32)
-        except (RuntimeError, NotImplementedError):
-            pass
-    return _foreach_norms(tensors, math.inf)
+def _max_abs(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor max |x| of same-device, same-dtype tensors, as one float32 vector."""
+    return torch.stack(_lightning.foreach_max_abs(tensors)).to(torch.float32)
 
 
 def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
@@ -388,30 +376,47 @@ def stored_values(t: Tensor) -> Tensor:
     return t.values()
 
 
-def _bucket(
+def bucket(
     tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None = None
 ) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]]:
-    """Group the stored elements of ``tensors`` by (device, dtype, reduce key, sparse), with positions.
+    """Group tensors for foreach kernels: ``(device, dtype, reduce key, dense) -> (tensors, positions)``.
 
-    DTensors contribute their local shard and sparse tensors their (coalesced) values
-    (:func:`stored_values`); sparse ones get buckets of their own, whose element counts
-    change from step to step. ``None`` and empty tensors are left out (an FSDP2 rank
-    whose shard of a small parameter is empty contributes 0, and the max of nothing
-    would raise).
+    The one bucketing helper of the package. DTensors contribute their local shard;
+    sparse tensors get buckets of their own (``dense`` False: foreach kernels take
+    strided tensors only, and callers read their values with :func:`stored_values`).
+    ``None`` and empty tensors are left out (an FSDP2 rank whose shard of a small
+    parameter is empty contributes nothing). A plain loop: it runs every step, so it does
+    as little as possible per tensor.
     """
     buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        sparse = t.layout is not torch.strided
-        local = stored_values(t) if sparse else local_tensor(t)
-        if local.numel() == 0:
+        if type(t) is not Tensor:  # DTensor (or another subclass): the local shard
+            t = local_tensor(t)
+        if t.numel() == 0:
             continue
-        key = (local.device, local.dtype, reduce_keys[i] if reduce_keys is not None else (), sparse)
-        bucket = buckets.setdefault(key, ([], []))
-        bucket[0].append(local)
-        bucket[1].append(i)
+        key = (t.device, t.dtype, reduce_keys[i] if reduce_keys is not None else (), t.layout is torch.strided)
+        entry = buckets.get(key)
+        if entry is None:
+            buckets[key] = ([t], [i])
+        else:
+            entry[0].append(t)
+            entry[1].append(i)
     return buckets
+
+
+def _stored_buckets(
+    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None = None
+) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]]:
+    """:func:`bucket`, with sparse tensors replaced by their stored values (what norms are taken of)."""
+    out = bucket(tensors, reduce_keys)
+    for key, (ts, idx) in out.items():
+        if not key[-1]:
+            values = [stored_values(t) for t in ts]
+            keep = [k for k, v in enumerate(values) if v.numel()]
+            out[key] = ([values[k] for k in keep], [idx[k] for k in keep])
+    return {k: v for k, v in out.items() if v[0]}
 
 
 def _bucket_index(
@@ -428,7 +433,7 @@ def _bucket_index(
             torch.tensor(idx, device=device),
             torch.tensor([float(t.numel()) for t in ts], device=device),
         )
-        if not key[-1]:
+        if key[-1]:
             cache[ckey] = cached
     return cached
 
@@ -471,7 +476,7 @@ def tensor_stats(
     n = len(tensors)
     if reduce_keys is None:
         reduce_keys = [() for _ in range(n)]
-    buckets = _bucket(tensors, reduce_keys)
+    buckets = _stored_buckets(tensors, reduce_keys)
     if device is None:
         device = next(iter(buckets))[0] if buckets else torch.device("cpu")
     norms = torch.zeros(n, dtype=torch.float32, device=device)
@@ -479,8 +484,8 @@ def tensor_stats(
     numel = torch.ones(n, dtype=torch.float32, device=device)
     for key, (ts, idx) in buckets.items():
         index, sizes = _bucket_index(cache, key, device, idx, ts)
-        norms.index_copy_(0, index, _foreach_norms(ts, 2.0).to(device))
-        maxes.index_copy_(0, index, _foreach_max_abs(ts).to(device))
+        norms.index_copy_(0, index, _norms(ts, 2.0).to(device))
+        maxes.index_copy_(0, index, _max_abs(ts).to(device))
         numel.index_copy_(0, index, sizes)
     norms = _repair_range(norms, maxes, numel)
     # Every rank must issue the same collectives in the same order, including ranks that
@@ -518,6 +523,18 @@ def tensor_stats(
         norms = norms * inv_scale
         maxes = maxes * inv_scale
     return norms, maxes
+
+
+def total_norm(norms: Tensor) -> Tensor:
+    """``sqrt(sum(norms**2))`` of a vector of norms as a 0-dim tensor, without under- or overflow.
+
+    The one total-norm combiner of the package (see :func:`reduce_norms`).
+
+    Example:
+        >>> total_norm(torch.tensor([3e-30, 4e-30]))
+        tensor(5.0000e-30)
+    """
+    return reduce_norms(norms, torch.zeros_like(norms, dtype=torch.long), 1)[0]
 
 
 def reduce_norms(norms: Tensor, index: Tensor, size: int) -> Tensor:
@@ -589,7 +606,7 @@ class GroupedStats:
     @property
     def total_norm(self) -> Tensor:
         """L2 norm of all gradients, a 0-dim device tensor."""
-        return reduce_norms(self.norms, torch.zeros_like(self.norms, dtype=torch.long), 1)[0]
+        return total_norm(self.norms)
 
     @property
     def nonfinite(self) -> Tensor:
@@ -609,15 +626,14 @@ class GroupedStats:
                 back flattened in ``HostStats.extras``, in order.
         """
         g = len(self.grouping)
-        parts = [self.norms, self.max_abs, *(e.reshape(-1).to(self.norms) for e in extra)]
-        values = torch.cat(parts).tolist()
+        parts = [self.total_norm.view(1), self.norms, self.max_abs, *(e.reshape(-1).to(self.norms) for e in extra)]
+        total, *values = torch.cat(parts).tolist()
         norms, maxes = values[:g], values[g : 2 * g]
         rest = values[2 * g :]
         extras: list[list[float]] = []
         for e in extra:
             extras.append(rest[: e.numel()])
             rest = rest[e.numel() :]
-        total = _host_total(norms)
         names = self.grouping.names
         stats = HostStats(
             total_norm=total,
@@ -627,15 +643,6 @@ class GroupedStats:
             extras=tuple(extras),
         )
         return stats
-
-
-def _host_total(norms: Sequence[float]) -> float:
-    """``sqrt(sum(n**2))`` in double precision, NaN- and Inf-aware."""
-    if any(map(math.isnan, norms)):
-        return math.nan
-    if any(map(math.isinf, norms)):
-        return math.inf
-    return math.hypot(*norms) if norms else 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -684,7 +691,7 @@ class GradSnapshot:
     @property
     def total_norm(self) -> Tensor:
         """L2 norm of all gradients, a 0-dim device tensor."""
-        return reduce_norms(self.norms, torch.zeros_like(self.norms, dtype=torch.long), 1)[0]
+        return total_norm(self.norms)
 
     @property
     def all_finite(self) -> Tensor:
@@ -763,11 +770,11 @@ def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
     device = next((g.device for g in grads if g is not None), torch.device("cpu"))
     nonzero = torch.zeros(len(grads), dtype=torch.float32, device=device)
     sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
-    for key, (ts, idx) in _bucket(grads).items():
+    for key, (ts, idx) in _stored_buckets(grads).items():
         index, numel = _bucket_index(params.cache, key, device, idx, ts)
-        if key[-1]:  # sparse: the elements not stored are zeros too
+        if not key[-1]:  # sparse: the elements not stored are zeros too
             numel = torch.tensor([float(local_tensor(grads[i]).numel()) for i in idx], device=device)
-        nonzero.index_copy_(0, index, _foreach_norms(ts, 0.0).to(device))
+        nonzero.index_copy_(0, index, _norms(ts, 0.0).to(device))
         sizes.index_copy_(0, index, numel)
     gindex = grouping.index_tensor(device)
     g = len(grouping)

@@ -1,26 +1,126 @@
-"""Shared plumbing of the gradguard callbacks."""
+"""The base class of the gradguard callbacks: the contract between them, written down.
+
+Every gradguard callback
+
+- shares one gradient snapshot per moment through the trainer's
+  :class:`~lightning_gradguard.callbacks._session.Session`; the base class counts backward
+  passes in ``on_before_backward`` for that. Subclasses do not override that hook
+  (``__init_subclass__`` refuses it): they implement :meth:`GradGuardCallback.before_backward`;
+- registers itself in the session at ``setup``, so callbacks learn about each other from
+  the session (:meth:`GradGuardCallback.attached`), never by class name;
+- groups parameters into layers from its :class:`Layers` settings, and logs on the steps
+  :meth:`GradGuardCallback.is_log_step` names (one cadence, one expression).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.stats import GradSnapshot, Grouping, ParamSet
 
 
-class GradGuardCallback(Callback):
-    """Base class: counts backward passes so that all gradguard callbacks share one snapshot."""
+@dataclass(frozen=True)
+class Layers:
+    """How a callback groups parameters into layers (``group_by``, ``group_depth``, ``group_patterns``).
 
+    Built through :meth:`checked`, which validates the three together.
+    """
+
+    group_by: str = "module"
+    group_depth: int | None = None
+    group_patterns: tuple[tuple[str, str], ...] | None = None
+
+    @classmethod
+    def checked(cls, group_by: Any = "module", group_depth: Any = None, group_patterns: Any = None) -> Layers:
+        group_by, group_depth, patterns, _ = _validation.grouping(group_by, group_depth, group_patterns)
+        return cls(group_by, group_depth, None if patterns is None else tuple(patterns.items()))
+
+    def of(self, params: ParamSet) -> Grouping:
+        """The grouping of ``params``, built once per parameter set and shared by equal settings."""
+        key = ("grouping", self)
+        grouping = params.cache.get(key)
+        if grouping is None:
+            patterns = None if self.group_patterns is None else dict(self.group_patterns)
+            grouping = params.cache[key] = Grouping.build(
+                params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=patterns
+            )
+        return grouping
+
+
+class GradGuardCallback(Callback):
+    """Base class of the gradguard callbacks (see the module docstring for the contract).
+
+    Args:
+        log_every_n_steps: logging interval in optimizer steps; ``None``: the Trainer's.
+        layers: how parameters form layers; ``None`` for callbacks that do not group.
+    """
+
+    def __init__(self, *, log_every_n_steps: int | None = None, layers: Layers | None = None) -> None:
+        self.log_every_n_steps = _validation.integer("log_every_n_steps", log_every_n_steps, allow_none=True)
+        self.layers = layers or Layers()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "on_before_backward" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} overrides on_before_backward; gradguard callbacks implement before_backward() "
+                "instead, so that the shared backward count cannot be skipped."
+            )
+
+    @property
+    def group_by(self) -> str:
+        return self.layers.group_by
+
+    @property
+    def group_depth(self) -> int | None:
+        return self.layers.group_depth
+
+    @property
+    def group_patterns(self) -> dict[str, str] | None:
+        return None if self.layers.group_patterns is None else dict(self.layers.group_patterns)
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _session.check_strategy(trainer.strategy, type(self).__name__)
+        attached = _session.session(trainer).attached.setdefault(type(self), [])
+        if self not in attached:
+            attached.append(self)
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        attached = _session.session(trainer).attached.get(type(self), [])
+        if self in attached:
+            attached.remove(self)
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         _session.note_backward(trainer, loss)
+        self.before_backward(trainer, pl_module, loss)
+
+    def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """What a subclass does in ``on_before_backward`` (after the shared count moved)."""
+
+    # ------------------------------------------------------------------ shared helpers
+
+    @staticmethod
+    def attached(trainer: pl.Trainer, kind: type) -> bool:
+        """Whether a gradguard callback of class ``kind`` is attached to ``trainer`` (known after ``setup``)."""
+        return _session.session(trainer).has(kind)
+
+    def is_log_step(self, trainer: pl.Trainer, step: int | None = None) -> bool:
+        """Whether this callback logs at optimizer step ``step`` (default: ``trainer.global_step``)."""
+        step = trainer.global_step if step is None else step
+        return step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0
 
     def _snapshot(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: str, optimizer: Any = None
@@ -30,39 +130,5 @@ class GradGuardCallback(Callback):
         return _session.shared_snapshot(trainer, pl_module, phase, optimizer)
 
     def _grouping(self, params: ParamSet) -> Grouping:
-        """This callback's layers of ``params`` (from its ``group_by`` arguments), built once per set.
-
-        Kept in the parameter set's own cache, so a rebuilt set (parameters added, a param
-        group appended) gets a fresh grouping and callbacks with the same arguments share one.
-        """
-        group_by = getattr(self, "group_by", "module")
-        group_depth = getattr(self, "group_depth", None)
-        group_patterns = getattr(self, "group_patterns", None)
-        key = ("grouping", group_by, group_depth, tuple(sorted((group_patterns or {}).items())))
-        grouping = params.cache.get(key)
-        if grouping is None:
-            grouping = params.cache[key] = Grouping.build(
-                params, group_by=group_by, group_depth=group_depth, group_patterns=group_patterns
-            )
-        return grouping
-
-
-def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= 1 (or ``None`` when allowed)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        allowed = "an integer >= 1" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-
-
-def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
-
-
-def check_bool(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        """This callback's layers of ``params``."""
+        return self.layers.of(params)

@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
-from lightning_gradguard.callbacks._base import GradGuardCallback, check_choice, check_positive_int
+from lightning_gradguard.callbacks._base import GradGuardCallback
 from lightning_gradguard.policies import (
     MODES,
     LearnedThreshold,
@@ -225,7 +225,7 @@ class AdaptiveClipper(GradGuardCallback):
         skip_factor: float | None = None,
         log_every_n_steps: int | None = None,
     ) -> None:
-        check_choice("mode", mode, MODES)
+        _validation.choice("mode", mode, MODES)
         given = {
             "max_norm": max_norm,
             "clip_value": clip_value,
@@ -276,7 +276,7 @@ class AdaptiveClipper(GradGuardCallback):
                 raise ValueError(
                     f"`min_norm` ({resolved['min_norm']!r}) must not exceed `max_norm` ({resolved['max_norm']!r})."
                 )
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        super().__init__(log_every_n_steps=log_every_n_steps)
 
         self.mode = mode
         self.max_norm: float | None = None if max_norm is None else float(max_norm)
@@ -292,7 +292,6 @@ class AdaptiveClipper(GradGuardCallback):
         self.warmup_max_norm: float | None = None if warmup_max_norm is None else float(warmup_max_norm)
         self.min_norm: float | None = None if min_norm is None else float(min_norm)
         self.skip_factor: float | None = None if skip_factor is None else float(skip_factor)
-        self.log_every_n_steps = log_every_n_steps
 
         self._opt: dict[int, _OptState] = {}
         self._rules: dict[int, LearnedThreshold] = {}
@@ -347,6 +346,7 @@ class AdaptiveClipper(GradGuardCallback):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -365,11 +365,13 @@ class AdaptiveClipper(GradGuardCallback):
                 f"the Trainer and, if you want a fixed ceiling as well, {hint}."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._agc.clear()  # built again for this fit's parameters
 
     # ------------------------------------------------------------------ the step
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -377,7 +379,7 @@ class AdaptiveClipper(GradGuardCallback):
         idx = _session.optimizer_index(trainer, optimizer)
         state = self._opt.setdefault(idx, _OptState())
         step = trainer.global_step
-        log_now = bool(trainer.loggers) and step % self._interval(trainer) == 0
+        log_now = bool(trainer.loggers) and self.is_log_step(trainer, step)
         snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         state.steps += 1
         state.interval_steps += 1
@@ -512,9 +514,6 @@ class AdaptiveClipper(GradGuardCallback):
 
     # ------------------------------------------------------------------ helpers
 
-    def _interval(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or trainer.log_every_n_steps or 1
-
     def _rule(self, idx: int, device: torch.device) -> LearnedThreshold:
         rule = self._rules.get(idx)
         if rule is None:
@@ -581,6 +580,7 @@ class AdaptiveClipper(GradGuardCallback):
 
     # ------------------------------------------------------------------ checkpointing
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         rules = {i: r.state_dict() for i, r in self._rules.items()}
         rules.update({i: s for i, s in self._restored_rules.items() if i not in rules})
@@ -598,6 +598,7 @@ class AdaptiveClipper(GradGuardCallback):
             },
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._rules.clear()
         self._restored_rules = {int(i): s for i, s in state_dict.get("rules", {}).items()}

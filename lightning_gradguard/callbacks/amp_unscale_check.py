@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,19 +11,12 @@ import torch
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
-from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_positive_int
-from lightning_gradguard.stats import validate_grouping_args, zero_fractions
-
-
-def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
+from lightning_gradguard.stats import zero_fractions
 
 
 class AmpUnscaleCheck(GradGuardCallback):
@@ -109,16 +101,16 @@ class AmpUnscaleCheck(GradGuardCallback):
         group_depth: int | None = None,
         group_patterns: Mapping[str, str] | None = None,
     ) -> None:
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        _check_number("min_loss_scale", min_loss_scale, low=0.0)
-        _check_number("max_skip_rate", max_skip_rate, low=0.0, high=1.0)
-        check_positive_int("skip_rate_window", skip_rate_window)
-        check_positive_int("max_consecutive_overflows", max_consecutive_overflows)
-        check_bool("track_underflow", track_underflow)
-        _check_number("underflow_rise", underflow_rise, low=0.0, high=1.0)
-        check_bool("fix_scaled_clipping", fix_scaled_clipping)
-        validate_grouping_args(group_by, group_depth, group_patterns)
-        self.log_every_n_steps = log_every_n_steps
+        super().__init__(
+            log_every_n_steps=log_every_n_steps, layers=Layers.checked(group_by, group_depth, group_patterns)
+        )
+        _validation.number("min_loss_scale", min_loss_scale, low=0.0)
+        _validation.number("max_skip_rate", max_skip_rate, low=0.0, high=1.0)
+        _validation.integer("skip_rate_window", skip_rate_window)
+        _validation.integer("max_consecutive_overflows", max_consecutive_overflows)
+        _validation.boolean("track_underflow", track_underflow)
+        _validation.number("underflow_rise", underflow_rise, low=0.0, high=1.0)
+        _validation.boolean("fix_scaled_clipping", fix_scaled_clipping)
         self.min_loss_scale = float(min_loss_scale)
         self.max_skip_rate = float(max_skip_rate)
         self.skip_rate_window = skip_rate_window
@@ -126,9 +118,6 @@ class AmpUnscaleCheck(GradGuardCallback):
         self.track_underflow = track_underflow
         self.underflow_rise = float(underflow_rise)
         self.fix_scaled_clipping = fix_scaled_clipping
-        self.group_by = group_by
-        self.group_depth = group_depth
-        self.group_patterns = dict(group_patterns) if group_patterns is not None else None
 
         self.active = False
         self.scaled_optimizers: list[str] = []  # optimizers seen with scaled gradients at the step
@@ -141,6 +130,7 @@ class AmpUnscaleCheck(GradGuardCallback):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
@@ -170,7 +160,9 @@ class AmpUnscaleCheck(GradGuardCallback):
                 "Lightning runs after unscaling. (gradguard's own statistics are unscaled in both hooks.)",
             )
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._restore_clip is not None:
             self._restore_clip()
             self._restore_clip = None
@@ -205,6 +197,7 @@ class AmpUnscaleCheck(GradGuardCallback):
             clip_val = float(clip_val) * scaler.get_scale()
         return original(optimizer, clip_val, **kwargs)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -240,7 +233,7 @@ class AmpUnscaleCheck(GradGuardCallback):
         st["pos"] = (pos + 1) % self.skip_rate_window
         st["steps"] = st["steps"] + 1
         step = trainer.global_step
-        if step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0:
+        if self.is_log_step(trainer, step):
             self._report(trainer, snap, optimizer, scale, step)
 
     def _report(self, trainer: pl.Trainer, snap: Any, optimizer: Any, scale: Tensor | None, step: int) -> None:
@@ -291,7 +284,9 @@ class AmpUnscaleCheck(GradGuardCallback):
                 "rate, or use bf16.",
             )
         if max(max_run, run) >= self.max_consecutive_overflows:
-            alarm = any(type(cb).__name__ == "VanishExplodeAlarm" for cb in trainer.callbacks)
+            from lightning_gradguard.callbacks.vanish_explode_alarm import VanishExplodeAlarm
+
+            alarm = self.attached(trainer, VanishExplodeAlarm)
             then = (
                 "VanishExplodeAlarm is attached and will act on it with its non-finite rules."
                 if alarm
@@ -349,6 +344,7 @@ class AmpUnscaleCheck(GradGuardCallback):
 
     # ------------------------------------------------------------------ checkpointing
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "device_state": {k: v.tolist() for k, v in self._state.items()},
@@ -356,6 +352,7 @@ class AmpUnscaleCheck(GradGuardCallback):
             "warned": sorted(self._warned),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state = {k: torch.tensor(v, dtype=torch.float32) for k, v in state_dict.get("device_state", {}).items()}
         self._zero_baseline = {k: tuple(v) for k, v in state_dict.get("zero_baseline", {}).items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,10 +11,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
-from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
+from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
 from lightning_gradguard.stats import (
     Grouping,
     ParamSet,
@@ -23,7 +23,7 @@ from lightning_gradguard.stats import (
     local_tensor,
     reduce_norms,
     tensor_stats,
-    validate_grouping_args,
+    total_norm,
 )
 
 HOOKS = ("on_before_optimizer_step", "on_after_backward")
@@ -126,9 +126,10 @@ class GradientNormLogger(GradGuardCallback):
         histogram_every_n_steps: int | None = None,
         custom_scalars: bool = True,
     ) -> None:
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        check_choice("hook", hook, HOOKS)
-        validate_grouping_args(group_by, group_depth, group_patterns)
+        super().__init__(
+            log_every_n_steps=log_every_n_steps, layers=Layers.checked(group_by, group_depth, group_patterns)
+        )
+        _validation.choice("hook", hook, HOOKS)
         for name, value in (
             ("per_layer", per_layer),
             ("log_max_abs", log_max_abs),
@@ -136,13 +137,9 @@ class GradientNormLogger(GradGuardCallback):
             ("log_update_ratio", log_update_ratio),
             ("custom_scalars", custom_scalars),
         ):
-            check_bool(name, value)
-        check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
-        self.log_every_n_steps = log_every_n_steps
+            _validation.boolean(name, value)
+        _validation.integer("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
         self.hook = hook
-        self.group_by = group_by
-        self.group_depth = group_depth
-        self.group_patterns = dict(group_patterns) if group_patterns is not None else None
         self.per_layer = per_layer
         self.log_max_abs = log_max_abs
         self.log_param_norms = log_param_norms
@@ -154,6 +151,7 @@ class GradientNormLogger(GradGuardCallback):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and not trainer.loggers:
@@ -162,6 +160,7 @@ class GradientNormLogger(GradGuardCallback):
                 "it will log nothing. Attach a TensorBoardLogger or CSVLogger."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
         self._last_backward_step = None
@@ -172,36 +171,36 @@ class GradientNormLogger(GradGuardCallback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.hook != "on_after_backward" or not trainer.loggers:
             return
         step = trainer.global_step
-        if step % self._interval(trainer) or self._last_backward_step == step:
+        if not self.is_log_step(trainer, step) or self._last_backward_step == step:
             return
         self._last_backward_step = step
         snap = self._snapshot(trainer, pl_module, _session.PHASE_BACKWARD)
         self._log(trainer, pl_module, snap, None, "grad_norm_microbatch", step)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.hook != "on_before_optimizer_step" or not trainer.loggers:
             return
         step = trainer.global_step
-        if step % self._interval(trainer):
+        if not self.is_log_step(trainer, step):
             return
         optimizer = _lightning.raw_optimizer(optimizer)
         snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         self._log(trainer, pl_module, snap, optimizer, "grad_norm", step)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         while self._pending:
             self._log_update(trainer, self._pending.pop(0))
 
     # ------------------------------------------------------------------ work
-
-    def _interval(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or trainer.log_every_n_steps or 1
 
     def _log(
         self,
@@ -225,7 +224,7 @@ class GradientNormLogger(GradGuardCallback):
             pn, _ = tensor_stats(weights, params.reduce_keys, device=stats.norms.device, cache=params.cache)
             param_norms = reduce_norms(pn, grouping.index_tensor(pn.device), len(grouping))
             if self.log_param_norms:
-                extra.append(param_norms)
+                extra += [param_norms, total_norm(param_norms)]
         host = stats.to_host(extra)
 
         metrics: dict[str, float] = {f"{prefix}/{opt_seg}total": host.total_norm}
@@ -238,7 +237,7 @@ class GradientNormLogger(GradGuardCallback):
             metrics[f"grad_max_abs/{opt_seg}total"] = host.max_abs
         if self.log_param_norms:
             pnorms = host.extras[0]
-            metrics[f"param_norm/{opt_seg}total"] = math.hypot(*pnorms)
+            metrics[f"param_norm/{opt_seg}total"] = host.extras[1][0]
             if per_layer:
                 for name, value, present in zip(grouping.names, pnorms, stats.present):
                     if present:
@@ -258,15 +257,14 @@ class GradientNormLogger(GradGuardCallback):
         if present:
             idx, olds = zip(*present)
             news = [local_tensor(params.params[i]).detach() for i in idx]
-            for i, d in zip(idx, torch._foreach_sub(news, list(olds))):
+            for i, d in zip(idx, _lightning.foreach_sub(news, list(olds))):
                 diffs[i] = d
         un, _ = tensor_stats(diffs, params.reduce_keys, device=pending.param_norms.device, cache=params.cache)
         grouping = pending.grouping
         index = grouping.index_tensor(un.device)
         upd = reduce_norms(un, index, len(grouping))
-        both = torch.stack([upd, pending.param_norms])
-        totals = reduce_norms(both.reshape(-1), torch.tensor([0, 1]).repeat_interleave(len(grouping)).to(un.device), 2)
-        values = torch.cat([upd / pending.param_norms.clamp_min(1e-30), totals[:1] / totals[1:].clamp_min(1e-30)])
+        ratio_total = total_norm(upd) / total_norm(pending.param_norms).clamp_min(1e-30)
+        values = torch.cat([upd / pending.param_norms.clamp_min(1e-30), ratio_total.view(1)])
         values = values.tolist()
         ratios, total = values[:-1], values[-1]
         metrics = {f"update_ratio/{pending.prefix}total": total}

@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
-from lightning_gradguard.callbacks._base import GradGuardCallback, check_bool, check_choice, check_positive_int
+from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
 from lightning_gradguard.diagnosis import KINDS, Finding, GradientAnomalyError, HealthDetector, build_finding
-from lightning_gradguard.stats import validate_grouping_args
 
 ACTIONS = ("warn", "skip", "stop", "raise")
 _STRENGTH = {"none": 0, "warn": 1, "skip": 2, "stop": 3, "raise": 4}
@@ -170,12 +170,12 @@ class VanishExplodeAlarm(GradGuardCallback):
         crash_dump: bool = True,
         dump_dir: str | None = None,
     ) -> None:
-        check_bool("halt_on_nan", halt_on_nan)
+        _validation.boolean("halt_on_nan", halt_on_nan)
         if nonfinite_action is not None:
-            check_choice("nonfinite_action", nonfinite_action, ("skip", "stop", "raise"))
-        check_choice("explode_action", explode_action, ACTIONS)
-        check_choice("vanish_action", vanish_action, ACTIONS)
-        check_choice("dead_action", dead_action, ACTIONS)
+            _validation.choice("nonfinite_action", nonfinite_action, ("skip", "stop", "raise"))
+        _validation.choice("explode_action", explode_action, ACTIONS)
+        _validation.choice("vanish_action", vanish_action, ACTIONS)
+        _validation.choice("dead_action", dead_action, ACTIONS)
         _check_positive("max_norm", max_norm, allow_none=True)
         _check_positive("spike_zscore", spike_zscore, allow_none=True)
         _check_positive("spike_min_ratio", spike_min_ratio, allow_none=True)
@@ -187,14 +187,15 @@ class VanishExplodeAlarm(GradGuardCallback):
         if vanish_ratio is not None and vanish_ratio <= 1:
             raise ValueError(f"`vanish_ratio` must be > 1 (deepest / shallowest norm), got {vanish_ratio!r}.")
         _check_positive("vanish_floor", vanish_floor, allow_none=True)
-        check_positive_int("patience", patience)
-        check_positive_int("dead_patience", dead_patience)
-        check_positive_int("max_consecutive_overflows", max_consecutive_overflows)
+        _validation.integer("patience", patience)
+        _validation.integer("dead_patience", dead_patience)
+        _validation.integer("max_consecutive_overflows", max_consecutive_overflows)
         _check_positive("min_loss_scale", min_loss_scale)
-        check_positive_int("episode_gap", episode_gap)
-        validate_grouping_args(group_by, group_depth, group_patterns)
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        check_bool("crash_dump", crash_dump)
+        _validation.integer("episode_gap", episode_gap)
+        super().__init__(
+            log_every_n_steps=log_every_n_steps, layers=Layers.checked(group_by, group_depth, group_patterns)
+        )
+        _validation.boolean("crash_dump", crash_dump)
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise ValueError(f"`dump_dir` must be a path or None, got {dump_dir!r}.")
 
@@ -220,10 +221,6 @@ class VanishExplodeAlarm(GradGuardCallback):
             min_loss_scale=float(min_loss_scale),
         )
         self.episode_gap = episode_gap
-        self.group_by = group_by
-        self.group_depth = group_depth
-        self.group_patterns = dict(group_patterns) if group_patterns is not None else None
-        self.log_every_n_steps = log_every_n_steps
         self.crash_dump = crash_dump
         self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
 
@@ -261,15 +258,18 @@ class VanishExplodeAlarm(GradGuardCallback):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window.clear()
         self.halted_at = None
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window.clear()
         self._lifted_min = _lightning.restore_min_limits(trainer, self._lifted_min)
         rank_zero_info(self.summary())
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -277,11 +277,12 @@ class VanishExplodeAlarm(GradGuardCallback):
             self._window.clear()  # manual optimisation: the user decides which backward passes reach a step
         self._window.append(_MicroBatch(batch_idx, batch))
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        super().on_before_backward(trainer, pl_module, loss)
+    @override
+    def before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._window and pl_module.automatic_optimization:
             self._window[-1].loss_finite = torch.isfinite(loss.detach()).all()
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Under gradient accumulation, note after each micro-batch whether the accumulated
         # gradients are still finite (a device flag, no sync), so that a crash dump can hold
@@ -294,6 +295,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         ):
             self._window[-1].grad_finite = self._snapshot(trainer, pl_module, _session.PHASE_BACKWARD).all_finite
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -330,7 +332,7 @@ class VanishExplodeAlarm(GradGuardCallback):
                     self._in_episode[kind] = False
         if active:
             self._act(trainer, pl_module, optimizer, opt_idx, step, stats, values, active, scaler is not None, window)
-        if step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0 and trainer.loggers:
+        if self.is_log_step(trainer, step) and trainer.loggers:
             seg = f"opt{opt_idx}/" if len(trainer.optimizers) > 1 else ""
             metrics = {f"alarm/{seg}{k}": float(self.counts[k]) for k in KINDS}
             metrics[f"alarm/{seg}skipped_steps"] = float(self.skipped_steps)
@@ -358,10 +360,13 @@ class VanishExplodeAlarm(GradGuardCallback):
             finite = trainer.strategy.reduce((~finite).float(), reduce_op="sum") == 0
         return finite
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._window.clear()
         self._lifted_min = _lightning.restore_min_limits(trainer, self._lifted_min)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, GradientAnomalyError):
             rank_zero_info(self.summary())
@@ -526,6 +531,7 @@ class VanishExplodeAlarm(GradGuardCallback):
 
     # ------------------------------------------------------------------ checkpointing
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "detectors": {i: d.state_dict() for i, d in self.detectors.items()},
@@ -536,6 +542,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             "steps_checked": self.steps_checked,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_detectors = {int(i): s for i, s in state_dict.get("detectors", {}).items()}
         self.detectors.clear()
