@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _lightning, _validation
 
 try:  # torch.distributed may be absent from some builds
     import torch.distributed as dist
@@ -71,9 +71,9 @@ __all__ = [
 ]
 
 #: Allowed values of ``group_by``.
-GROUP_BY_CHOICES = ("module", "parameter", "depth", "pattern", "total")
+GROUP_BY_CHOICES = _validation.GROUP_BY_CHOICES
 
-_RESERVED_GROUP_NAMES = frozenset({"total"})
+_RESERVED_GROUP_NAMES = _validation.RESERVED_GROUP_NAMES
 _ROOT_GROUP = "root"
 _UNMATCHED_GROUP = "other"
 
@@ -206,50 +206,6 @@ def _group_name(name: str, group_by: str, depth: int | None, patterns: Sequence[
     return "all"  # group_by == "total"
 
 
-def validate_grouping_args(
-    group_by: str, group_depth: int | None, group_patterns: Mapping[str, str] | None
-) -> list[tuple[str, re.Pattern[str]]]:
-    """Check the grouping arguments; return the compiled patterns.
-
-    Raises:
-        ValueError: naming the argument, the value and what is allowed.
-    """
-    if group_by not in GROUP_BY_CHOICES:
-        raise ValueError(f"`group_by` must be one of {GROUP_BY_CHOICES}, got {group_by!r}.")
-    if group_by == "depth":
-        if not isinstance(group_depth, int) or isinstance(group_depth, bool) or group_depth < 1:
-            raise ValueError(f"`group_depth` must be an integer >= 1 when `group_by='depth'`, got {group_depth!r}.")
-    elif group_depth is not None:
-        raise ValueError(f"`group_depth` is only used with `group_by='depth'`, got group_by={group_by!r}.")
-    compiled: list[tuple[str, re.Pattern[str]]] = []
-    if group_patterns is not None and not isinstance(group_patterns, Mapping):
-        raise ValueError(
-            "`group_patterns` must be a mapping of group name to regular expression (e.g. "
-            f"{{'encoder': '^encoder\\\\.'}}) or None, got {type(group_patterns).__name__} {group_patterns!r}."
-        )
-    if group_by == "pattern":
-        if not group_patterns:
-            raise ValueError(
-                "`group_patterns` must be a non-empty mapping of group name to regular expression "
-                f"when `group_by='pattern'`, got {group_patterns!r}."
-            )
-        for label, pattern in group_patterns.items():
-            if not isinstance(label, str) or not label or label in _RESERVED_GROUP_NAMES:
-                raise ValueError(
-                    f"`group_patterns` keys must be non-empty strings other than {sorted(_RESERVED_GROUP_NAMES)}, "
-                    f"got {label!r}."
-                )
-            try:
-                compiled.append((label, re.compile(pattern)))
-            except (re.error, TypeError) as err:
-                raise ValueError(
-                    f"`group_patterns[{label!r}]` must be a valid regular expression, got {pattern!r}: {err}"
-                ) from None
-    elif group_patterns is not None:
-        raise ValueError(f"`group_patterns` is only used with `group_by='pattern'`, got group_by={group_by!r}.")
-    return compiled
-
-
 @dataclass(frozen=True, eq=False)
 class Grouping:
     """A partition of a :class:`ParamSet` into named groups ("layers").
@@ -291,7 +247,7 @@ class Grouping:
         Raises:
             ValueError: on an unknown ``group_by`` or arguments that do not fit it.
         """
-        patterns = validate_grouping_args(group_by, group_depth, group_patterns)
+        *_, patterns = _validation.grouping(group_by, group_depth, group_patterns)
         names: list[str] = []
         position: dict[str, int] = {}
         index: list[int] = []
