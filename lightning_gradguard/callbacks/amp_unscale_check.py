@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,90 @@ from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
 from lightning_gradguard.stats import zero_fractions
+
+
+@dataclass
+class _Overflows:
+    """Overflow bookkeeping on the device (no host sync per step): counts, runs and a ring of recent steps."""
+
+    overflow_steps: Tensor
+    run: Tensor  # overflow steps in a row, now
+    max_run: Tensor  # longest run since the last logging step
+    steps: Tensor
+    pos: Tensor
+    ring: Tensor  # 1 for each recent step that overflowed
+
+    @classmethod
+    def zeros(cls, window: int, device: torch.device) -> _Overflows:
+        zero = torch.zeros((), device=device)
+        return cls(*(zero.clone() for _ in range(5)), ring=torch.zeros(window, device=device))
+
+    def record(self, overflow: Tensor) -> None:
+        overflow = overflow.float()
+        self.overflow_steps = self.overflow_steps + overflow
+        self.run = torch.where(overflow > 0, self.run + 1, torch.zeros_like(self.run))
+        self.max_run = torch.maximum(self.max_run, self.run)
+        self.ring = self.ring.index_copy(0, self.pos.long().view(1), overflow.view(1))
+        self.pos = (self.pos + 1) % self.ring.numel()
+        self.steps = self.steps + 1
+
+    def skip_rate(self) -> Tensor:
+        """Share of the last ``window`` steps that overflowed (of the steps so far while fewer)."""
+        return self.ring.sum() / self.steps.clamp(1, self.ring.numel())
+
+    def to(self, device: torch.device) -> _Overflows:
+        return _Overflows(**{k: v.to(device) for k, v in vars(self).items()})
+
+    def state_dict(self) -> dict[str, list[float] | float]:
+        return {k: v.tolist() for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], window: int) -> _Overflows:
+        fresh = cls.zeros(window, torch.device("cpu"))
+        for k, v in state.items():
+            if k in vars(fresh):
+                setattr(fresh, k, torch.tensor(v, dtype=torch.float32))
+        return fresh
+
+
+def _scaled_clip_message(algorithm: str, clip_val: Any, optimizer: str, fixed: bool) -> str:
+    action = (
+        "gradguard multiplied the threshold by the loss scale so the clip means what was written "
+        "(fix_scaled_clipping=True)"
+        if fixed
+        else "the clip is left as it is (fix_scaled_clipping=False)"
+    )
+    return (
+        f"Gradient clipping ({algorithm}, threshold {clip_val}) ran on gradients still multiplied by the fp16 "
+        f"loss scale (optimizer {optimizer}, not unscaled yet): a {algorithm} clip of {clip_val} there "
+        f"means {clip_val}/scale on the true gradients, so it clips far too hard (or, for an optimizer that "
+        f"unscales itself, at the wrong point). This happens with self.clip_gradients() after manual_backward() "
+        f"in manual optimisation. Fix: clip in the LightningModule's on_before_optimizer_step(self, optimizer), "
+        f"which Lightning runs after unscaling, or attach lightning_gradguard.AdaptiveClipper. Now {action}."
+    )
+
+
+def _scaled_step_message(optimizer: str) -> str:
+    return (
+        f"{optimizer} unscales its gradients inside step() (it declares _step_supports_amp_scaling, as fused "
+        "optimizers do), so Lightning does not unscale them first: in on_before_optimizer_step they are "
+        "still multiplied by the loss scale, and any code that reads or clips them there is off by that "
+        "factor (Lightning's gradient_clip_val refuses such optimizers). gradguard divides the scale out "
+        "of its own statistics and clips. Fix for your own code: divide by "
+        "trainer.precision_plugin.scaler.get_scale(), or use a non-fused optimizer."
+    )
+
+
+def _underflow_message(risen: list[str], loss_scale: float) -> str:
+    more = f" and {len(risen) - 5} more" if len(risen) > 5 else ""
+    return (
+        "Gradients underflow in fp16: the fraction of exactly-zero gradient elements rose in "
+        + ", ".join(risen[:5])
+        + more
+        + f" while the loss scale fell to {loss_scale:.3g}. Small gradients round to 0 in fp16 below ~6e-8. "
+        "Train in bf16 ('bf16-mixed'), or give the GradScaler a higher init_scale / lower backoff, and look "
+        "for what forces the scale down (overflowing layers)."
+    )
 
 
 class AmpUnscaleCheck(GradGuardCallback):
@@ -125,7 +210,7 @@ class AmpUnscaleCheck(GradGuardCallback):
         self.warnings: list[str] = []  # every warning issued, for programmatic checks
         self._warned: set[str] = set()
         self._restore_clip: Any = None
-        self._state: dict[str, Tensor] = {}
+        self._overflows: _Overflows | None = None
         self._zero_baseline: dict[str, tuple[float, float]] = {}  # group -> (lowest zero fraction, scale then)
 
     # ------------------------------------------------------------------ lifecycle
@@ -178,21 +263,8 @@ class AmpUnscaleCheck(GradGuardCallback):
             return original(optimizer, clip_val, **kwargs)
         self.scaled_clip_calls += 1
         algo = GradClipAlgorithmType(algorithm) if algorithm is not None else GradClipAlgorithmType.NORM
-        action = (
-            "gradguard multiplied the threshold by the loss scale so the clip means what was written "
-            "(fix_scaled_clipping=True)"
-            if self.fix_scaled_clipping
-            else "the clip is left as it is (fix_scaled_clipping=False)"
-        )
-        self._warn_once(
-            "scaled_clip",
-            f"Gradient clipping ({algo.value}, threshold {clip_val}) ran on gradients still multiplied by the fp16 "
-            f"loss scale (optimizer {type(raw).__name__}, not unscaled yet): a {algo.value} clip of {clip_val} there "
-            f"means {clip_val}/scale on the true gradients, so it clips far too hard (or, for an optimizer that "
-            f"unscales itself, at the wrong point). This happens with self.clip_gradients() after manual_backward() "
-            f"in manual optimisation. Fix: clip in the LightningModule's on_before_optimizer_step(self, optimizer), "
-            f"which Lightning runs after unscaling, or attach lightning_gradguard.AdaptiveClipper. Now {action}.",
-        )
+        message = _scaled_clip_message(algo.value, clip_val, type(raw).__name__, self.fix_scaled_clipping)
+        self._warn_once("scaled_clip", message)
         if self.fix_scaled_clipping:
             clip_val = float(clip_val) * scaler.get_scale()
         return original(optimizer, clip_val, **kwargs)
@@ -211,62 +283,53 @@ class AmpUnscaleCheck(GradGuardCallback):
             name = type(optimizer).__name__
             if name not in self.scaled_optimizers:
                 self.scaled_optimizers.append(name)
-            self._warn_once(
-                f"scaled_step:{name}",
-                f"{name} unscales its gradients inside step() (it declares _step_supports_amp_scaling, as fused "
-                "optimizers do), so Lightning does not unscale them first: in on_before_optimizer_step they are "
-                "still multiplied by the loss scale, and any code that reads or clips them there is off by that "
-                "factor (Lightning's gradient_clip_val refuses such optimizers). gradguard divides the scale out "
-                "of its own statistics and clips. Fix for your own code: divide by "
-                "trainer.precision_plugin.scaler.get_scale(), or use a non-fused optimizer.",
-            )
+            self._warn_once(f"scaled_step:{name}", _scaled_step_message(name))
         snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         scale = _lightning.current_scale(scaler)
-        st = self._device_state(snap.norms.device)
-        overflow = (~snap.all_finite).float()
-        st["overflow_steps"] = st["overflow_steps"] + overflow
-        st["run"] = torch.where(overflow > 0, st["run"] + 1, torch.zeros_like(st["run"]))
-        st["max_run"] = torch.maximum(st["max_run"], st["run"])
-        ring = st["ring"]
-        pos = st["pos"]
-        st["ring"] = ring.index_copy(0, pos.long().view(1), overflow.view(1))
-        st["pos"] = (pos + 1) % self.skip_rate_window
-        st["steps"] = st["steps"] + 1
+        overflows = self._overflows_on(snap.norms.device)
+        overflows.record(~snap.all_finite)
         step = trainer.global_step
         if self.is_log_step(trainer, step):
-            self._report(trainer, snap, optimizer, scale, step)
+            self._report(trainer, snap, overflows, scale, step)
 
-    def _report(self, trainer: pl.Trainer, snap: Any, optimizer: Any, scale: Tensor | None, step: int) -> None:
-        st = self._state
+    def _report(self, trainer: pl.Trainer, snap: Any, overflows: _Overflows, scale: Tensor | None, step: int) -> None:
         grouping = self._grouping(snap.params)
+        ref = overflows.steps
         parts = [
-            (scale if scale is not None else torch.ones(())).to(st["steps"]).reshape(1),
-            st["overflow_steps"].reshape(1),
-            # over the steps seen so far while fewer than the window
-            (st["ring"].sum() / st["steps"].clamp(1, self.skip_rate_window)).reshape(1),
-            st["max_run"].reshape(1),
-            st["run"].reshape(1),
-            st["steps"].reshape(1),
+            (scale if scale is not None else torch.ones(())).to(ref).reshape(1),
+            overflows.overflow_steps.reshape(1),
+            overflows.skip_rate().reshape(1),
+            torch.maximum(overflows.max_run, overflows.run).reshape(1),
+            overflows.steps.reshape(1),
         ]
         if self.track_underflow:
-            parts.append(zero_fractions(snap.params, grouping).to(st["steps"]))
+            parts.append(zero_fractions(snap.params, grouping).to(ref))
         values = torch.cat(parts).tolist()  # the one host copy of a logging step
-        loss_scale, overflow_steps, skip_rate, max_run, run, steps = values[:6]
-        window = int(min(steps, self.skip_rate_window))
-        st["max_run"].zero_()
+        loss_scale, overflow_steps, skip_rate, longest_run, steps = values[:5]
+        overflows.max_run.zero_()
         metrics = {"amp/loss_scale": loss_scale, "amp/overflow_steps": overflow_steps, "amp/skip_rate": skip_rate}
         if self.track_underflow:
-            sizes = [0] * len(grouping)
-            for gi, p, has in zip(grouping.index, snap.params.params, snap.has_grad):
-                if has:
-                    sizes[gi] += p.numel()
-            fractions = {n: f for n, f, size in zip(grouping.names, values[6:], sizes) if size}
-            total = sum(f * n for f, n in zip(values[6:], sizes)) / max(1, sum(sizes))
-            metrics["amp/zero_grad_fraction/total"] = total
-            for name, frac in fractions.items():
-                metrics[f"amp/zero_grad_fraction/{name}"] = frac
-            self._check_underflow(fractions, loss_scale)
+            metrics.update(self._underflow_metrics(snap, grouping, values[5:], loss_scale))
         _session.log_metrics(trainer, metrics, step)
+        self._check_health(trainer, step, loss_scale, skip_rate, int(longest_run), int(steps))
+
+    def _underflow_metrics(
+        self, snap: Any, grouping: Any, fractions: list[float], loss_scale: float
+    ) -> dict[str, float]:
+        """``amp/zero_grad_fraction/*`` of the layers that have a gradient; checks for underflow."""
+        sizes = [0] * len(grouping)
+        for gi, p, has in zip(grouping.index, snap.params.params, snap.has_grad):
+            if has:
+                sizes[gi] += p.numel()
+        by_name = {n: f for n, f, size in zip(grouping.names, fractions, sizes) if size}
+        metrics = {"amp/zero_grad_fraction/total": sum(f * n for f, n in zip(fractions, sizes)) / max(1, sum(sizes))}
+        metrics.update({f"amp/zero_grad_fraction/{name}": frac for name, frac in by_name.items()})
+        self._check_underflow(by_name, loss_scale)
+        return metrics
+
+    def _check_health(
+        self, trainer: pl.Trainer, step: int, loss_scale: float, skip_rate: float, longest_run: int, steps: int
+    ) -> None:
         if loss_scale < self.min_loss_scale:
             self._warn_once(
                 "low_scale",
@@ -278,23 +341,22 @@ class AmpUnscaleCheck(GradGuardCallback):
         if skip_rate > self.max_skip_rate and steps >= self.skip_rate_window:
             self._warn_once(
                 "thrashing",
-                f"{skip_rate:.0%} of the last {window} optimizer steps were skipped for fp16 overflow "
+                f"{skip_rate:.0%} of the last {self.skip_rate_window} optimizer steps were skipped for fp16 overflow "
                 f"(max_skip_rate={self.max_skip_rate:g}) at step {step}: the GradScaler is thrashing and those steps "
                 "train nothing. Lower the GradScaler's growth_factor or raise its growth_interval, lower the learning "
                 "rate, or use bf16.",
             )
-        if max(max_run, run) >= self.max_consecutive_overflows:
+        if longest_run >= self.max_consecutive_overflows:
             from lightning_gradguard.callbacks.vanish_explode_alarm import VanishExplodeAlarm
 
-            alarm = self.attached(trainer, VanishExplodeAlarm)
             then = (
                 "VanishExplodeAlarm is attached and will act on it with its non-finite rules."
-                if alarm
+                if self.attached(trainer, VanishExplodeAlarm)
                 else "Training goes on; attach lightning_gradguard.VanishExplodeAlarm to halt on it."
             )
             self._warn_once(
                 "persistent_overflow",
-                f"{int(max(max_run, run))} optimizer steps in a row overflowed in fp16 (by step {step}; loss scale now "
+                f"{longest_run} optimizer steps in a row overflowed in fp16 (by step {step}; loss scale now "
                 f"{loss_scale:.3g}): the gradients are non-finite whatever the scale. {then}",
             )
 
@@ -309,15 +371,7 @@ class AmpUnscaleCheck(GradGuardCallback):
             if frac - low >= self.underflow_rise and loss_scale < scale_then:
                 risen.append(f"{name} ({low:.0%} -> {frac:.0%})")
         if risen:
-            self._warn_once(
-                "underflow",
-                "Gradients underflow in fp16: the fraction of exactly-zero gradient elements rose in "
-                + ", ".join(risen[:5])
-                + (f" and {len(risen) - 5} more" if len(risen) > 5 else "")
-                + f" while the loss scale fell to {loss_scale:.3g}. Small gradients round to 0 in fp16 below ~6e-8. "
-                "Train in bf16 ('bf16-mixed'), or give the GradScaler a higher init_scale / lower backoff, and look "
-                "for what forces the scale down (overflowing layers).",
-            )
+            self._warn_once("underflow", _underflow_message(risen, loss_scale))
 
     # ------------------------------------------------------------------ helpers
 
@@ -328,32 +382,26 @@ class AmpUnscaleCheck(GradGuardCallback):
         self.warnings.append(message)
         rank_zero_warn(f"[gradguard] {message}")
 
-    def _device_state(self, device: torch.device) -> dict[str, Tensor]:
-        if not self._state or self._state["steps"].device != device:
-            old = {k: v.to(device) for k, v in self._state.items()}
-            zero = torch.zeros((), device=device)
-            self._state = {
-                "overflow_steps": old.get("overflow_steps", zero.clone()),
-                "run": old.get("run", zero.clone()),
-                "max_run": old.get("max_run", zero.clone()),
-                "steps": old.get("steps", zero.clone()),
-                "pos": old.get("pos", zero.clone()),
-                "ring": old.get("ring", torch.zeros(self.skip_rate_window, device=device)),
-            }
-        return self._state
+    def _overflows_on(self, device: torch.device) -> _Overflows:
+        if self._overflows is None:
+            self._overflows = _Overflows.zeros(self.skip_rate_window, device)
+        elif self._overflows.steps.device != device:
+            self._overflows = self._overflows.to(device)
+        return self._overflows
 
     # ------------------------------------------------------------------ checkpointing
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "device_state": {k: v.tolist() for k, v in self._state.items()},
+            "device_state": self._overflows.state_dict() if self._overflows is not None else {},
             "zero_baseline": dict(self._zero_baseline),
             "warned": sorted(self._warned),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._state = {k: torch.tensor(v, dtype=torch.float32) for k, v in state_dict.get("device_state", {}).items()}
+        saved = state_dict.get("device_state")
+        self._overflows = _Overflows.from_state(saved, self.skip_rate_window) if saved else None
         self._zero_baseline = {k: tuple(v) for k, v in state_dict.get("zero_baseline", {}).items()}
         self._warned = set(state_dict.get("warned", []))
