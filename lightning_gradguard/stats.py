@@ -394,6 +394,45 @@ def _bucket_index(
     return cached
 
 
+def _combine_shards(
+    norms: Tensor, maxes: Tensor, reduce_keys: Sequence[tuple[Any, ...]], cache: dict[Any, Any], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor norms and maxima of sharded tensors combined over their ranks (see :func:`tensor_stats`)."""
+    n = len(norms)
+    # Every rank must issue the same collectives in the same order, including ranks that
+    # hold no local gradient for some key: take the keys from the parameter list.
+    seen: list[tuple[Any, ...]] = []
+    for rkey in reduce_keys:
+        if rkey and rkey not in seen:
+            seen.append(rkey)
+    for rkey in seen:
+        mask = cache.get(("mask", rkey, device))
+        if mask is None:
+            mask = cache[("mask", rkey, device)] = torch.tensor([k == rkey for k in reduce_keys], device=device)
+        for group in rkey:
+            local_norms = torch.where(mask, norms, torch.zeros_like(norms))
+            local_maxes = torch.where(mask, maxes, torch.zeros_like(maxes))
+            peak = torch.cat([local_norms, local_maxes])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+            top, gmax = peak[:n], peak[n:]
+            safe = torch.where(top > 0, top, torch.ones_like(top))
+            # NaN/Inf are counted, not trusted to a MAX reduction (whose NaN handling is
+            # backend-defined), so that every rank learns of a non-finite shard.
+            summed = torch.cat(
+                [(local_norms / safe) ** 2, torch.isnan(local_maxes).float(), torch.isinf(local_maxes).float()]
+            )
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+            ratio_sq, nan_count, inf_count = summed[:n], summed[n : 2 * n], summed[2 * n :]
+            combined = torch.where(torch.isinf(top), top, top * ratio_sq.sqrt())
+            nan = torch.full_like(top, math.nan)
+            inf = torch.full_like(top, math.inf)
+            combined = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, combined))
+            gmax = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, gmax))
+            norms = torch.where(mask, combined, norms)
+            maxes = torch.where(mask, gmax, maxes)
+    return norms, maxes
+
+
 def tensor_stats(
     tensors: Sequence[Tensor | None],
     reduce_keys: Sequence[tuple[Any, ...]] | None = None,
@@ -444,37 +483,7 @@ def tensor_stats(
         maxes.index_copy_(0, index, _max_abs(ts).to(device))
         numel.index_copy_(0, index, sizes)
     norms = _repair_range(norms, maxes, numel)
-    # Every rank must issue the same collectives in the same order, including ranks that
-    # hold no local gradient for some key: take the keys from the parameter list.
-    seen: list[tuple[Any, ...]] = []
-    for rkey in reduce_keys:
-        if rkey and rkey not in seen:
-            seen.append(rkey)
-    for rkey in seen:
-        mask = cache.get(("mask", rkey, device))
-        if mask is None:
-            mask = cache[("mask", rkey, device)] = torch.tensor([k == rkey for k in reduce_keys], device=device)
-        for group in rkey:
-            local_norms = torch.where(mask, norms, torch.zeros_like(norms))
-            local_maxes = torch.where(mask, maxes, torch.zeros_like(maxes))
-            peak = torch.cat([local_norms, local_maxes])
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-            top, gmax = peak[:n], peak[n:]
-            safe = torch.where(top > 0, top, torch.ones_like(top))
-            # NaN/Inf are counted, not trusted to a MAX reduction (whose NaN handling is
-            # backend-defined), so that every rank learns of a non-finite shard.
-            summed = torch.cat(
-                [(local_norms / safe) ** 2, torch.isnan(local_maxes).float(), torch.isinf(local_maxes).float()]
-            )
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-            ratio_sq, nan_count, inf_count = summed[:n], summed[n : 2 * n], summed[2 * n :]
-            combined = torch.where(torch.isinf(top), top, top * ratio_sq.sqrt())
-            nan = torch.full_like(top, math.nan)
-            inf = torch.full_like(top, math.inf)
-            combined = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, combined))
-            gmax = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, gmax))
-            norms = torch.where(mask, combined, norms)
-            maxes = torch.where(mask, gmax, maxes)
+    norms, maxes = _combine_shards(norms, maxes, reduce_keys, cache, device)
     if inv_scale is not None:
         norms = norms * inv_scale
         maxes = maxes * inv_scale
