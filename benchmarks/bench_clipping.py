@@ -76,7 +76,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from clipping import DEFAULT_LR, TASKS, train  # noqa: E402
 
 from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper  # noqa: E402
-from lightning_gradguard.policies import PercentileThreshold, ZScoreThreshold, clip_by_norm_  # noqa: E402
+from lightning_gradguard.clipping import PercentileThreshold, ZScoreThreshold, clip_by_norm_  # noqa: E402
 
 try:
     from zclip import ZClip, ZClipLightningCallback

@@ -26,7 +26,7 @@ from helpers import (
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
-from test_policies import HostSyncCounter, ZScoreReference
+from test_clipping import HostSyncCounter, ZScoreReference
 
 from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper
 
@@ -138,7 +138,7 @@ def test_agc_warmup_clips_to_the_warmup_ceiling_then_runs_agc(tmp_path):
 
 def test_percentile_and_zscore_thresholds_follow_the_logged_history(tmp_path):
     """The logged thresholds equal an independent float64 reference computed from the
-    logged pre-clip norms (the rules documented in policies.py)."""
+    logged pre-clip norms (the rules documented in lightning_gradguard.clipping)."""
     p_clip = AdaptiveClipper(mode="percentile", percentile=30.0, window=6, warmup_steps=4, log_every_n_steps=1)
     trainer = make_trainer(tmp_path / "p", [p_clip], max_steps=14)
     trainer.fit(EventMLP(), loader())

@@ -1,4 +1,8 @@
-"""AdaptiveClipper: clip gradients by a fixed or learned threshold, robust to NaN steps and resumes."""
+"""AdaptiveClipper: clip gradients by a fixed or learned threshold, robust to NaN steps and resumes.
+
+The callback keeps the per-optimizer counters, the logging and the checkpoints; what each
+mode does (its arguments, state and clipping) lives in :mod:`lightning_gradguard.clipping.modes`.
+"""
 
 from __future__ import annotations
 
@@ -16,65 +20,7 @@ from typing_extensions import override
 from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback
-from lightning_gradguard.policies import (
-    MODES,
-    LearnedThreshold,
-    PercentileThreshold,
-    UnitwiseClip,
-    ZScoreThreshold,
-    check_number,
-    clip_by_value_,
-    clip_coefficient,
-    coalesce_sparse_grads_,
-    compile_patterns,
-    scale_,
-    total_norm_of,
-)
-from lightning_gradguard.stats import ParamSet, tensor_stats
-
-#: Which optional arguments each mode accepts (the others must stay ``None``).
-MODE_ARGS: dict[str, tuple[str, ...]] = {
-    "norm": ("max_norm",),
-    "value": ("clip_value",),
-    "percentile": ("percentile", "window", "warmup_steps", "warmup_max_norm", "max_norm", "min_norm", "skip_factor"),
-    "zscore": ("z_threshold", "ema_decay", "warmup_steps", "warmup_max_norm", "max_norm", "min_norm", "skip_factor"),
-    "agc": ("agc_clipping", "agc_eps", "agc_exclude", "warmup_steps", "warmup_max_norm", "max_norm"),
-}
-#: Defaults of the mode-specific arguments left at ``None``.
-DEFAULTS: dict[str, Any] = {
-    "percentile": 10.0,
-    "window": 1000,
-    "z_threshold": 2.5,
-    "ema_decay": 0.97,
-    "agc_clipping": 0.01,
-    "agc_eps": 1e-3,
-}
-#: Default ``warmup_steps`` per mode.
-DEFAULT_WARMUP = {"percentile": 25, "zscore": 25, "agc": 0}
-_LEARNED = ("percentile", "zscore")
-#: The arguments that define a mode's state (and so its ``state_key``).
-STATE_ARGS: dict[str, tuple[str, ...]] = {
-    "norm": ("max_norm",),
-    "value": ("clip_value",),
-    "percentile": ("percentile", "window"),
-    "zscore": ("z_threshold", "ema_decay"),
-    "agc": ("agc_clipping", "agc_eps"),
-}
-_ARG_NAMES = (
-    "max_norm",
-    "clip_value",
-    "percentile",
-    "window",
-    "z_threshold",
-    "ema_decay",
-    "agc_clipping",
-    "agc_eps",
-    "agc_exclude",
-    "warmup_steps",
-    "warmup_max_norm",
-    "min_norm",
-    "skip_factor",
-)
+from lightning_gradguard.clipping import MODES, ClipResult, LearnedThreshold, Step
 
 
 @dataclass
@@ -86,6 +32,10 @@ class _OptState:
     interval_steps: int = 0  # steps since the last logged one
     interval_clipped: Tensor | int = 0  # of which clipped (device tensor between logs)
     last: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+#: the counters of :class:`_OptState` saved in checkpoints
+_COUNTERS = ("steps", "skipped_steps", "interval_steps", "interval_clipped")
 
 
 class AdaptiveClipper(GradGuardCallback):
@@ -100,7 +50,7 @@ class AdaptiveClipper(GradGuardCallback):
       ``percentile``-th percentile of the total norms of the last ``window`` steps.
     - ``"zscore"`` (after ZClip, 2025): the threshold is ``mean + z_threshold * std`` of a
       running mean and variance of the (winsorized) total norms; the exact rule is in
-      :class:`~lightning_gradguard.policies.ZScoreThreshold`.
+      :class:`~lightning_gradguard.clipping.ZScoreThreshold`.
     - ``"agc"`` (Brock et al. 2021, NFNets): each unit's gradient norm is bounded by
       ``agc_clipping`` times its weight norm (floored at ``agc_eps``); parameters whose
       name matches a pattern of ``agc_exclude`` (e.g. the final classifier) are left alone.
@@ -127,7 +77,7 @@ class AdaptiveClipper(GradGuardCallback):
       clipped. (Skipping such a step without a scaler is
       :class:`~lightning_gradguard.VanishExplodeAlarm`'s job.) Steps without any gradient
       are ignored too.
-    - Clipping runs on the device with ``torch._foreach`` kernels and a device-side
+    - Clipping runs on the device with foreach kernels and a device-side
       coefficient; on steps that do not log, nothing is copied to the host, except with
       ``skip_factor``, which needs one boolean per step (combined across ranks, so every
       rank skips the same steps).
@@ -206,6 +156,21 @@ class AdaptiveClipper(GradGuardCallback):
         trainer = Trainer(callbacks=[AdaptiveClipper(mode="agc", agc_clipping=0.05, agc_exclude=[r"^head\."])])
     """
 
+    # every mode argument, resolved by the mode (its default filled in); None where the mode takes no such argument
+    max_norm: float | None
+    clip_value: float | None
+    percentile: float | None
+    window: int | None
+    z_threshold: float | None
+    ema_decay: float | None
+    agc_clipping: float | None
+    agc_eps: float | None
+    agc_exclude: list[str] | None
+    warmup_steps: int | None
+    warmup_max_norm: float | None
+    min_norm: float | None
+    skip_factor: float | None
+
     def __init__(
         self,
         *,
@@ -225,7 +190,6 @@ class AdaptiveClipper(GradGuardCallback):
         skip_factor: float | None = None,
         log_every_n_steps: int | None = None,
     ) -> None:
-        _validation.choice("mode", mode, MODES)
         given = {
             "max_norm": max_norm,
             "clip_value": clip_value,
@@ -241,75 +205,19 @@ class AdaptiveClipper(GradGuardCallback):
             "min_norm": min_norm,
             "skip_factor": skip_factor,
         }
-        allowed = MODE_ARGS[mode]
-        for name in _ARG_NAMES:
-            if given[name] is not None and name not in allowed:
-                users = [m for m, names in MODE_ARGS.items() if name in names]
-                raise ValueError(
-                    f"`{name}` is only used with mode in {tuple(users)}, got mode={mode!r} and {name}={given[name]!r}."
-                )
-        if mode == "norm" and max_norm is None:
-            raise ValueError("`max_norm` is required with mode='norm' (a finite number > 0), got None.")
-        if mode == "value" and clip_value is None:
-            raise ValueError("`clip_value` is required with mode='value' (a finite number > 0), got None.")
-        resolved = {
-            n: (DEFAULTS[n] if given[n] is None and n in DEFAULTS and n in allowed else given[n]) for n in given
-        }
-        if mode in DEFAULT_WARMUP and warmup_steps is None:
-            resolved["warmup_steps"] = DEFAULT_WARMUP[mode]
-
-        check_number("max_norm", resolved["max_norm"], low=0.0, allow_none=True)
-        check_number("clip_value", resolved["clip_value"], low=0.0, allow_none=True)
-        check_number("percentile", resolved["percentile"], low=0.0, high=100.0, allow_none=True)
-        check_number("window", resolved["window"], low=1, low_inclusive=True, integer=True, allow_none=True)
-        check_number("z_threshold", resolved["z_threshold"], low=0.0, allow_none=True)
-        check_number("ema_decay", resolved["ema_decay"], low=0.0, high=1.0, high_inclusive=False, allow_none=True)
-        check_number("agc_clipping", resolved["agc_clipping"], low=0.0, allow_none=True)
-        check_number("agc_eps", resolved["agc_eps"], low=0.0, allow_none=True)
-        compile_patterns("agc_exclude", resolved["agc_exclude"])
-        check_number("warmup_steps", resolved["warmup_steps"], low=0, low_inclusive=True, integer=True, allow_none=True)
-        check_number("warmup_max_norm", resolved["warmup_max_norm"], low=0.0, allow_none=True)
-        check_number("min_norm", resolved["min_norm"], low=0.0, allow_none=True)
-        check_number("skip_factor", resolved["skip_factor"], low=1.0, allow_none=True)
-        if resolved["min_norm"] is not None and resolved["max_norm"] is not None:
-            if resolved["min_norm"] > resolved["max_norm"]:
-                raise ValueError(
-                    f"`min_norm` ({resolved['min_norm']!r}) must not exceed `max_norm` ({resolved['max_norm']!r})."
-                )
+        self._mode = MODES[_validation.choice("mode", mode, tuple(MODES))](**given)
         super().__init__(log_every_n_steps=log_every_n_steps)
-
         self.mode = mode
-        self.max_norm: float | None = None if max_norm is None else float(max_norm)
-        self.clip_value: float | None = None if clip_value is None else float(clip_value)
-        self.percentile: float | None = resolved["percentile"]
-        self.window: int | None = resolved["window"]
-        self.z_threshold: float | None = resolved["z_threshold"]
-        self.ema_decay: float | None = resolved["ema_decay"]
-        self.agc_clipping: float | None = resolved["agc_clipping"]
-        self.agc_eps: float | None = resolved["agc_eps"]
-        self.agc_exclude: list[str] | None = None if agc_exclude is None else list(agc_exclude)
-        self.warmup_steps: int | None = resolved["warmup_steps"]
-        self.warmup_max_norm: float | None = None if warmup_max_norm is None else float(warmup_max_norm)
-        self.min_norm: float | None = None if min_norm is None else float(min_norm)
-        self.skip_factor: float | None = None if skip_factor is None else float(skip_factor)
-
+        for name in given:
+            setattr(self, name, self._mode.settings.get(name))
         self._opt: dict[int, _OptState] = {}
-        self._rules: dict[int, LearnedThreshold] = {}
-        self._agc: dict[int, UnitwiseClip] = {}
-        self._restored_rules: dict[int, dict[str, Any]] = {}
-        self._warned_patterns: set[str] = set()
 
     # ------------------------------------------------------------------ identity
 
     @property
     def state_key(self) -> str:
         """Every setting, so that two clippers that differ in anything fit in one checkpoint."""
-        settings = {name: getattr(self, name) for name in MODE_ARGS[self.mode]}
-        return self._generate_state_key(mode=self.mode, log_every_n_steps=self.log_every_n_steps, **settings)
-
-    def _statistics_identity(self) -> dict[str, Any]:
-        """The settings that define what the saved statistics mean (mode, percentile/window, ...)."""
-        return {"mode": self.mode, **{name: getattr(self, name) for name in STATE_ARGS[self.mode]}}
+        return self._generate_state_key(mode=self.mode, log_every_n_steps=self.log_every_n_steps, **self._mode.settings)
 
     @override
     def on_load_checkpoint(
@@ -325,7 +233,7 @@ class AdaptiveClipper(GradGuardCallback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return
-        identity = self._statistics_identity()
+        identity = self._mode.identity()
         matches = [
             key
             for key, state in states.items()
@@ -341,7 +249,7 @@ class AdaptiveClipper(GradGuardCallback):
             )
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in ("mode", *MODE_ARGS[self.mode]))
+        args = ", ".join(f"{n}={v!r}" for n, v in {"mode": self.mode, **self._mode.settings}.items())
         return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------ lifecycle
@@ -349,25 +257,24 @@ class AdaptiveClipper(GradGuardCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
         clip_val = trainer.gradient_clip_val
-        if clip_val:
-            algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)
-            hint = (
-                f"pass it as AdaptiveClipper(max_norm={clip_val!r})"
-                if self.mode in ("norm", "percentile", "zscore", "agc")
-                else "use a single clipper"
-            )
-            raise ValueError(
-                f"Trainer(gradient_clip_val={clip_val!r}, gradient_clip_algorithm={algorithm!r}) would clip the "
-                f"gradients a second time after {self!r}; the two do not compose. Remove `gradient_clip_val` from "
-                f"the Trainer and, if you want a fixed ceiling as well, {hint}."
-            )
+        if stage != "fit" or not clip_val:
+            return
+        algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)
+        hint = (
+            f"pass it as AdaptiveClipper(max_norm={clip_val!r})"
+            if self._mode.accepts("max_norm")
+            else "use a single clipper"
+        )
+        raise ValueError(
+            f"Trainer(gradient_clip_val={clip_val!r}, gradient_clip_algorithm={algorithm!r}) would clip the "
+            f"gradients a second time after {self!r}; the two do not compose. Remove `gradient_clip_val` from "
+            f"the Trainer and, if you want a fixed ceiling as well, {hint}."
+        )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._agc.clear()  # built again for this fit's parameters
+        self._mode.start()
 
     # ------------------------------------------------------------------ the step
 
@@ -378,184 +285,66 @@ class AdaptiveClipper(GradGuardCallback):
         optimizer = _lightning.raw_optimizer(optimizer)
         idx = _session.optimizer_index(trainer, optimizer)
         state = self._opt.setdefault(idx, _OptState())
-        step = trainer.global_step
-        log_now = bool(trainer.loggers) and self.is_log_step(trainer, step)
+        log_now = bool(trainer.loggers) and self.is_log_step(trainer, trainer.global_step)
         snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         state.steps += 1
         state.interval_steps += 1
         if not any(snap.has_grad):  # no backward this step: nothing to clip, nothing to learn
             return
-
-        grads = [p.grad for p in snap.params.params]
-        pre = snap.total_norm
-        finite = snap.all_finite
-        device = pre.device
-        skipped = False
-        threshold: Tensor | float | None = None
-        post: Tensor | None = None
-        coef: Tensor | None = None
-        extra: dict[str, Tensor] = {}
-
-        if self.mode == "norm":
-            threshold = self.max_norm
-            coef = clip_coefficient(pre, threshold)
-            scale_(grads, coef)
-            clipped = coef < 1
-        elif self.mode == "value":
-            threshold = self.clip_value
-            _check_elementwise(snap.params)
-            coalesce_sparse_grads_(snap.params.params)  # each stored entry clamped once
-            grads = [p.grad for p in snap.params.params]
-            clip_by_value_(grads, self.clip_value, scale=snap.scale, finite=finite)
-            clipped = finite & (snap.max_abs.max() > self.clip_value)
-            if log_now:
-                post = self._measure(snap)
-        elif self.mode == "agc":
-            clipped, threshold, post = self._agc_step(snap, pre, idx, state, grads, finite, log_now, extra)
-        else:
-            rule = self._rule(idx, device)
-            threshold = rule.threshold()
-            coef = clip_coefficient(pre, threshold)
-            if self.skip_factor is not None:
-                spike = finite & (pre > self.skip_factor * threshold)
-                skipped = trainer.strategy.reduce_boolean_decision(bool(spike), all=False)
-            if skipped:
-                _session.drop_gradients(optimizer)
-                state.skipped_steps += 1
-                coef = torch.zeros_like(coef)
-                rule.observe(pre, torch.zeros((), dtype=torch.bool, device=device))
-                clipped = torch.zeros((), dtype=torch.bool, device=device)
-            else:
-                scale_(grads, coef)
-                rule.observe(pre, finite)
-                clipped = coef < 1
-
-        if post is None and coef is not None:
-            post = pre * coef
-        if coef is None and post is not None:
-            coef = torch.where(finite & (pre > 0), post / pre.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
-        state.interval_clipped = state.interval_clipped + clipped.to(torch.int64)
-        state.last = {"pre_norm": pre, "all_finite": finite}
-        if threshold is not None:
-            state.last["threshold"] = threshold
-        if post is not None:
-            state.last["post_norm"] = post
-            state.last["coef"] = coef
-        state.last["skipped"] = float(skipped)
-        if log_now:
-            self._log(trainer, idx, state, extra, step)
-
-    def _agc_step(
-        self,
-        snap: Any,
-        pre: Tensor,
-        idx: int,
-        state: _OptState,
-        grads: list[Tensor | None],
-        finite: Tensor,
-        log_now: bool,
-        extra: dict[str, Tensor],
-    ) -> tuple[Tensor, float | None, Tensor | None]:
-        device = pre.device
-        clipped = torch.zeros((), dtype=torch.bool, device=device)
-        inv = None if snap.scale is None else snap.scale.reciprocal()
-        warm = state.steps <= (self.warmup_steps or 0)
-        threshold = self.max_norm
-        if warm and self.warmup_max_norm is not None:
-            threshold = min(self.warmup_max_norm, self.max_norm or self.warmup_max_norm)
-        mid: Tensor | None = pre
-        if not warm:
-            plan = self._agc_plan(idx, snap.params)
-            result = plan.clip_(snap.norms, inv_scale=inv, finite=finite)
-            clipped = result.clipped_units > 0
-            extra["clipped_units"] = result.clipped_units.to(torch.float32) / max(result.units, 1)
-            mid = self._measure(snap) if (threshold is not None or log_now) else None
-        if threshold is not None and mid is not None:
-            c = clip_coefficient(mid, threshold)
-            scale_(grads, c)
-            clipped = clipped | (c < 1)
-            return clipped, threshold, mid * c
-        return clipped, threshold, mid
-
-    def _measure(self, snap: Any) -> Tensor:
-        """Total norm of the gradients as they are now (a second pass, used only when needed)."""
-        params: ParamSet = snap.params
-        inv = None if snap.scale is None else snap.scale.reciprocal()
-        norms, _ = tensor_stats(
-            [p.grad for p in params.params],
-            params.reduce_keys,
-            device=snap.norms.device,
-            inv_scale=inv,
-            cache=params.cache,
+        step = Step.of(
+            snap,
+            index=idx,
+            count=state.steps,
+            measure=log_now,
+            agree=lambda skip: trainer.strategy.reduce_boolean_decision(skip, all=False),
         )
-        return total_norm_of(norms)
+        result = self._mode.apply(step)
+        for message in result.warnings:
+            rank_zero_warn(message)
+        if result.skipped:
+            _session.drop_gradients(optimizer)
+            state.skipped_steps += 1
+        self._record(state, step, result)
+        if log_now:
+            self._log(trainer, idx, state, result.extra)
 
-    def _log(self, trainer: pl.Trainer, idx: int, state: _OptState, extra: dict[str, Tensor], step: int) -> None:
+    def _record(self, state: _OptState, step: Step, result: ClipResult) -> None:
+        state.interval_clipped = state.interval_clipped + result.clipped.to(torch.int64)
+        state.last = {"pre_norm": step.pre, "all_finite": step.finite}
+        if result.threshold is not None:
+            state.last["threshold"] = result.threshold
+        if result.post is not None and result.coef is not None:
+            state.last["post_norm"] = result.post
+            state.last["coef"] = result.coef
+        state.last["skipped"] = float(result.skipped)
+
+    def _log(self, trainer: pl.Trainer, idx: int, state: _OptState, extra: dict[str, Tensor]) -> None:
         seg = f"opt{idx}/" if len(trainer.optimizers) > 1 else ""
         names = [n for n in ("threshold", "pre_norm", "post_norm", "coef") if n in state.last]
+        values = [state.last[n] for n in names] + list(extra.values())
         names += list(extra)
-        values = [state.last[n] if n in state.last else extra[n] for n in names]
-        rule = self._rules.get(idx)
-        if rule is not None:
-            values.append(rule.seen)
-        values.append(state.interval_clipped)
-        host = _to_host(values, state.last["pre_norm"].device)
-        if rule is not None:
-            rule.note_seen(int(host[-2]))  # lets the rule skip its start-phase work, no extra copy
+        hints = self._mode.host_hints(idx)
+        host = _to_host([*values, *hints, state.interval_clipped], state.last["pre_norm"].device)
+        self._mode.take_hints(idx, host[len(values) : -1])
         metrics = {f"clip/{seg}{n}": v for n, v in zip(names, host)}
         if not math.isfinite(metrics.get(f"clip/{seg}threshold", 0.0)):
             del metrics[f"clip/{seg}threshold"]  # unbounded: TensorBoard cannot draw inf
         metrics[f"clip/{seg}clipped_fraction"] = host[-1] / max(state.interval_steps, 1)
-        if self.mode in _LEARNED:
+        if self._mode.accepts("skip_factor"):
             metrics[f"clip/{seg}skipped_steps"] = float(state.skipped_steps)
         state.interval_steps = 0
         state.interval_clipped = 0
-        _session.log_metrics(trainer, metrics, step)
-
-    # ------------------------------------------------------------------ helpers
-
-    def _rule(self, idx: int, device: torch.device) -> LearnedThreshold:
-        rule = self._rules.get(idx)
-        if rule is None:
-            common = dict(
-                warmup_steps=self.warmup_steps,
-                warmup_max_norm=self.warmup_max_norm,
-                max_norm=self.max_norm,
-                min_norm=self.min_norm,
-                device=device,
-            )
-            if self.mode == "percentile":
-                rule = PercentileThreshold(percentile=self.percentile, window=self.window, **common)
-            else:
-                rule = ZScoreThreshold(z_threshold=self.z_threshold, ema_decay=self.ema_decay, **common)
-            restored = self._restored_rules.pop(idx, None)
-            if restored is not None:
-                rule.load_state_dict(restored)
-            self._rules[idx] = rule
-        elif rule.device != device:
-            rule.to(device)
-        return rule
-
-    def _agc_plan(self, idx: int, params: ParamSet) -> UnitwiseClip:
-        plan = self._agc.get(idx)
-        if plan is None or plan.params is not params:
-            plan = self._agc[idx] = UnitwiseClip(
-                params, clipping=self.agc_clipping, eps=self.agc_eps, exclude=self.agc_exclude
-            )
-            for pattern in plan.unmatched:
-                if pattern not in self._warned_patterns:
-                    self._warned_patterns.add(pattern)
-                    rank_zero_warn(
-                        f"[gradguard] AdaptiveClipper(agc_exclude=...): the pattern {pattern!r} matches no parameter "
-                        f"name of optimizer {idx} (names look like {params.names[0]!r}); nothing is excluded by it."
-                    )
-        return plan
+        _session.log_metrics(trainer, metrics, trainer.global_step)
 
     # ------------------------------------------------------------------ inspection
 
     def threshold_rule(self, optimizer_index: int = 0) -> LearnedThreshold | None:
         """The learned-threshold state of one optimizer (``percentile``/``zscore``), if it exists yet."""
-        return self._rules.get(optimizer_index)
+        return self._mode.threshold_rule(optimizer_index)
+
+    def _rule(self, idx: int, device: torch.device) -> LearnedThreshold:
+        """The learned threshold of optimizer ``idx``, created (from a restored state) if needed; learned modes."""
+        return self._mode.rule(idx, device)  # type: ignore[attr-defined]
 
     def last_decision(self, optimizer_index: int = 0) -> dict[str, float]:
         """What happened at the last step of one optimizer, copied to the host (a sync).
@@ -582,49 +371,19 @@ class AdaptiveClipper(GradGuardCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        rules = {i: r.state_dict() for i, r in self._rules.items()}
-        rules.update({i: s for i, s in self._restored_rules.items() if i not in rules})
         return {
-            "identity": self._statistics_identity(),
-            "rules": rules,
-            "optimizers": {
-                i: {
-                    "steps": s.steps,
-                    "skipped_steps": s.skipped_steps,
-                    "interval_steps": s.interval_steps,
-                    "interval_clipped": int(s.interval_clipped),
-                }
-                for i, s in self._opt.items()
-            },
+            "identity": self._mode.identity(),
+            "rules": self._mode.state_dict(),  # the mode's learned state, per optimizer
+            "optimizers": {i: {k: int(getattr(s, k)) for k in _COUNTERS} for i, s in self._opt.items()},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._rules.clear()
-        self._restored_rules = {int(i): s for i, s in state_dict.get("rules", {}).items()}
+        self._mode.load_state_dict(state_dict.get("rules", {}))
         self._opt = {
-            int(i): _OptState(
-                steps=s.get("steps", 0),
-                skipped_steps=s.get("skipped_steps", 0),
-                interval_steps=s.get("interval_steps", 0),
-                interval_clipped=s.get("interval_clipped", 0),
-            )
+            int(i): _OptState(**{k: s.get(k, 0) for k in _COUNTERS})
             for i, s in state_dict.get("optimizers", {}).items()
         }
-
-
-def _check_elementwise(params: ParamSet) -> None:
-    """Refuse value clipping of complex parameters, naming them (checked once per parameter set)."""
-    if params.cache.get("elementwise_ok"):
-        return
-    complex_names = [n for n, p in zip(params.names, params.params) if p.is_complex()]
-    if complex_names:
-        raise ValueError(
-            f"AdaptiveClipper(mode='value') cannot clip the complex parameter(s) {complex_names}: clamping each "
-            "element to [-clip_value, clip_value] has no meaning for complex numbers. Use mode='norm' or "
-            "'agc', or give these parameters to another optimizer."
-        )
-    params.cache["elementwise_ok"] = True
 
 
 def _to_host(values: list[Tensor | float | int], device: torch.device) -> list[float]:

@@ -7,7 +7,7 @@ Launched once per rank by ``tests/test_adaptive_clipper.py`` with torchrun's var
 Every rank builds the same small MLP, keeps an unsharded copy, shards the original with
 ``fully_shard`` (each Linear, then the root: DTensor parameters sharded along dim 0,
 unevenly), runs backward on its half of a fixed batch and then applies the clipping
-primitives of ``lightning_gradguard.policies`` to the sharded gradients, using the norms
+primitives of ``lightning_gradguard.clipping`` to the sharded gradients, using the norms
 of the gradguard snapshot: a total-norm clip to half the norm, a value clip and AGC
 (rows of the Linear weights, whole-tensor norms for biases and the LayerNorm gain, which
 are sharded across the ranks). The results, gathered with ``full_tensor()``, and the same
@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from lightning_gradguard.policies import UnitwiseClip, clip_by_norm_, clip_by_value_
+from lightning_gradguard.clipping import UnitwiseClip, clip_by_norm_, clip_by_value_
 from lightning_gradguard.stats import ParamSet, take_snapshot
 
 BATCH, IN = 8, 6

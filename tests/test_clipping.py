@@ -1,4 +1,4 @@
-"""The clipping math of lightning_gradguard.policies, without a Trainer: unit and property tests."""
+"""The clipping math of lightning_gradguard.clipping, without a Trainer: unit and property tests."""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lightning_gradguard.policies as policies
-from lightning_gradguard.policies import (
+from lightning_gradguard.clipping import (
     PercentileThreshold,
     UnitwiseClip,
     ZScoreThreshold,
+    agc,
     clip_by_norm_,
     clip_by_value_,
     clip_coefficient,
+    modes,
+    ops,
     scale_,
+    thresholds,
 )
 from lightning_gradguard.stats import ParamSet, take_snapshot
 
@@ -68,8 +71,8 @@ def norm64(tensors: list[torch.Tensor]) -> float:
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(policies)
-    assert result.attempted > 10 and result.failed == 0
+    results = [doctest.testmod(module) for module in (ops, thresholds, agc, modes)]
+    assert sum(r.attempted for r in results) > 10 and sum(r.failed for r in results) == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,408 @@
+"""Clipping thresholds learned from the run's own history of total gradient norms.
+
+:class:`PercentileThreshold` (AutoClip, Seetharaman et al. 2020) and
+:class:`ZScoreThreshold` (after ZClip, 2025) share :class:`LearnedThreshold`: warm-up,
+floor and ceiling, state on the device, ``state_dict`` support. A step whose norm is
+not finite never enters the statistics (``observe`` masks it), so one NaN cannot poison
+a learned threshold; nothing here reads a device value on the host.
+
+Example:
+    >>> import torch
+    >>> rule = PercentileThreshold(percentile=50.0, window=8, warmup_steps=2)
+    >>> for past in (1.0, 2.0, 3.0):
+    ...     rule.observe(torch.tensor(past), accept=torch.tensor(True))
+    >>> rule.threshold()
+    tensor(2.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor
+from typing_extensions import Unpack
+
+from lightning_gradguard import _validation
+
+__all__ = [
+    "Bounds",
+    "LearnedThreshold",
+    "PercentileThreshold",
+    "ZScoreThreshold",
+    "check_norm_bounds",
+    "filled_percentile",
+]
+
+
+def check_norm_bounds(min_norm: float | None, max_norm: float | None) -> None:
+    """Raise ``ValueError`` when the floor ``min_norm`` exceeds the ceiling ``max_norm`` (either may be ``None``)."""
+    if max_norm is not None and min_norm is not None and min_norm > max_norm:
+        raise ValueError(f"`min_norm` ({min_norm!r}) must not exceed `max_norm` ({max_norm!r}).")
+
+
+class Bounds(TypedDict, total=False):
+    """The keyword arguments every :class:`LearnedThreshold` takes (see there)."""
+
+    warmup_steps: int
+    warmup_max_norm: float | None
+    max_norm: float | None
+    min_norm: float | None
+    device: torch.device | str | None
+
+
+def filled_percentile(buffer: Tensor, count: Tensor, percentile: float) -> Tensor:
+    """The ``percentile``-th percentile of the ``count`` finite entries of ``buffer``.
+
+    Empty slots hold ``+inf``; linear interpolation between order statistics, as
+    ``numpy.percentile`` does by default. ``inf`` when ``count`` is 0. No host sync.
+
+    Example:
+        >>> filled_percentile(torch.tensor([3.0, 1.0, math.inf]), torch.tensor(2), 50.0)
+        tensor(2.)
+    """
+    ordered = torch.sort(buffer).values  # empty (inf) slots sort last
+    # rank = (count - 1) * percentile / 100 in double precision where the device has it: a
+    # rounding error in the fraction is multiplied by the gap between neighbours
+    exact = torch.float64 if buffer.device.type in ("cpu", "cuda") else torch.float32
+    scaled = (count.clamp(min=1) - 1).to(exact) * percentile
+    lo = torch.floor(scaled / 100.0)
+    frac = (scaled - lo * 100.0) / 100.0
+    below = ordered.gather(0, lo.long().view(1))
+    above = ordered.gather(0, (lo + (frac > 0).to(lo.dtype)).long().view(1))
+    # at an integer rank below == above and the weight is 0; both are finite when count >= 1
+    value = (below + frac.to(torch.float32) * (above - below)).squeeze(0)
+    return torch.where(count > 0, value, torch.full_like(value, math.inf))
+
+
+class LearnedThreshold:
+    """A clipping threshold learned from the total norms of previous steps.
+
+    Subclasses keep a statistic of past norms (:meth:`raw`) and decide what enters it
+    (:meth:`observe`). This class adds what every learned rule needs:
+
+    - **warm-up**: while fewer than ``warmup_steps`` norms were observed, the threshold is
+      ``warmup_max_norm`` (a fixed ceiling), or infinite (no clipping) when that is ``None``;
+      the statistics learn from the raw norms meanwhile;
+    - **floor**: the threshold never goes below ``min_norm``;
+    - **ceiling**: the threshold never goes above ``max_norm``.
+
+    So during warm-up ``threshold = min(warmup_max_norm, max_norm)`` and afterwards
+    ``threshold = min(max(raw, min_norm), max_norm)`` (a ``None`` bound is left out).
+
+    The state is a few tensors on one device (created on ``device``, moved by
+    :meth:`to`); :meth:`state_dict` returns CPU copies and :meth:`load_state_dict` copies
+    back into the existing tensors, so a resumed run continues bit for bit.
+
+    Args:
+        warmup_steps: observed norms needed before the learned value is used, >= 0.
+        warmup_max_norm: the threshold during warm-up, or ``None`` (no clipping then).
+        max_norm: absolute ceiling, at all times, or ``None``.
+        min_norm: floor, or ``None``.
+        device: where the state lives.
+    """
+
+    def __init__(
+        self,
+        *,
+        warmup_steps: int = 0,
+        warmup_max_norm: float | None = None,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        _validation.integer("warmup_steps", warmup_steps, low=0)
+        for name, bound in (("warmup_max_norm", warmup_max_norm), ("max_norm", max_norm), ("min_norm", min_norm)):
+            _validation.number(name, bound, low=0.0, allow_none=True)
+        check_norm_bounds(min_norm, max_norm)
+        self.warmup_steps = warmup_steps
+        self.warmup_max_norm = warmup_max_norm
+        self.max_norm = max_norm
+        self.min_norm = min_norm
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        #: number of norms observed so far (int64, 0-dim)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        #: a lower bound of ``seen`` known on the host without a sync (see :meth:`note_seen`)
+        self.seen_at_least = 0
+
+    # ---------------------------------------------------------------- to override
+
+    def raw(self) -> Tensor:
+        """The statistic of past norms (0-dim float32); ``inf`` when nothing was observed."""
+        raise NotImplementedError
+
+    def observe(self, norm: Tensor, accept: Tensor) -> None:
+        """Record this step's total ``norm`` where ``accept`` (0-dim bool) is true.
+
+        Call it after :meth:`threshold` was read for the step: the step's own norm is not
+        part of the history that judges it. A non-finite ``norm`` never enters.
+
+        Args:
+            norm: the pre-clip total norm of the step (0-dim tensor).
+            accept: whether the step may enter the statistics (e.g. not skipped).
+        """
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"seen": self.seen}
+
+    # ---------------------------------------------------------------- shared
+
+    @property
+    def device(self) -> torch.device:
+        return self.seen.device
+
+    def learned(self) -> Tensor:
+        """The learned threshold with floor and ceiling, ignoring warm-up (0-dim float32)."""
+        value = self.raw()
+        if self.min_norm is not None:
+            value = value.clamp(min=self.min_norm)
+        if self.max_norm is not None:
+            value = value.clamp(max=self.max_norm)
+        return value
+
+    def threshold(self) -> Tensor:
+        """The threshold in force for the next step (0-dim float32 device tensor)."""
+        value = self.learned()
+        if self.warmup_steps:
+            bounds = [b for b in (self.warmup_max_norm, self.max_norm) if b is not None]
+            warm = torch.full_like(value, min(bounds, default=math.inf))
+            value = torch.where(self.in_warmup(), warm, value)
+        return value
+
+    def note_seen(self, seen: int) -> None:
+        """Tell the rule the value of :attr:`seen`, read on the host anyway (e.g. when logging).
+
+        Rules may then skip work that can no longer matter (the z-score start phase). It
+        never changes a result.
+        """
+        self.seen_at_least = max(self.seen_at_least, int(seen))
+
+    def in_warmup(self) -> Tensor:
+        """0-dim bool device tensor: fewer than ``warmup_steps`` norms observed so far."""
+        return self.seen < self.warmup_steps
+
+    def to(self, device: torch.device | str) -> LearnedThreshold:
+        """Move the state to ``device`` (in place); returns ``self``."""
+        for name, t in self._tensors().items():
+            setattr(self, name, t.to(device))
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as CPU tensors (one host copy; call it at checkpoint time only)."""
+        return {name: t.detach().to("cpu", copy=True) for name, t in self._tensors().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Copy a :meth:`state_dict` back into the state tensors.
+
+        Raises:
+            ValueError: if an entry is missing or has another shape (e.g. another ``window``).
+        """
+        for name, t in self._tensors().items():
+            if name not in state:
+                raise ValueError(f"{type(self).__name__} state has no entry {name!r}; keys: {sorted(state)}.")
+            value = torch.as_tensor(state[name])
+            if value.shape != t.shape:
+                raise ValueError(
+                    f"{type(self).__name__} state entry {name!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(t.shape)}."
+                )
+            t.copy_(value.to(device=t.device, dtype=t.dtype))
+        self.seen_at_least = int(torch.as_tensor(state["seen"]))
+
+
+class PercentileThreshold(LearnedThreshold):
+    """AutoClip: the ``percentile``-th percentile of the last ``window`` observed norms.
+
+    Seetharaman et al. (2020), "AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks", clip each step to the p-th percentile of the run's own history
+    of gradient norms (they recommend p = 10). Here the history is a ring buffer of the
+    last ``window`` accepted pre-clip norms kept on the device; the percentile uses
+    linear interpolation between order statistics (``numpy.percentile``'s default) over
+    the filled part of the buffer. The step being clipped is not part of the history it
+    is clipped by: its norm enters afterwards (if finite).
+
+    Args:
+        percentile: p in (0, 100]; 100 is the largest recent norm.
+        window: ring-buffer size, >= 1.
+        **bounds: ``warmup_steps``, ``warmup_max_norm``, ``max_norm``, ``min_norm``, ``device``: see
+            :class:`LearnedThreshold`.
+
+    Example:
+        >>> rule = PercentileThreshold(percentile=50.0, window=3)
+        >>> for x in (1.0, 5.0, 2.0, 4.0):  # the window keeps 5, 2, 4
+        ...     rule.observe(torch.tensor(x), torch.tensor(True))
+        >>> rule.threshold()
+        tensor(4.)
+    """
+
+    def __init__(
+        self,
+        *,
+        percentile: float = 10.0,
+        window: int = 1000,
+        **bounds: Unpack[Bounds],
+    ) -> None:
+        _validation.number("percentile", percentile, low=0.0, high=100.0)
+        _validation.integer("window", window)
+        super().__init__(**bounds)
+        self.percentile = float(percentile)
+        self.window = window
+        #: the last ``window`` accepted norms; ``inf`` marks an empty slot
+        self.buffer = torch.full((window,), math.inf, dtype=torch.float32, device=self.seen.device)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"seen": self.seen, "buffer": self.buffer}
+
+    def raw(self) -> Tensor:
+        return filled_percentile(self.buffer, self.seen.clamp(max=self.window), self.percentile)
+
+    def observe(self, norm: Tensor, accept: Tensor) -> None:
+        norm = norm.to(device=self.device, dtype=torch.float32).reshape(1)
+        ok = (accept.to(self.device) & torch.isfinite(norm)).reshape(1)
+        pos = (self.seen % self.window).view(1)
+        old = self.buffer.gather(0, pos)
+        self.buffer.scatter_(0, pos, torch.where(ok, norm, old))
+        self.seen.add_(ok.squeeze(0).to(torch.int64))
+
+
+class ZScoreThreshold(LearnedThreshold):
+    """A running mean/std rule in the spirit of ZClip: clip norms above ``mean + z * std``.
+
+    The exact rule, over the norms that enter the statistics (finite, accepted):
+
+    1. **Start.** The first ``K = max(warmup_steps, 2)`` norms are kept as they are. Once
+       ``K`` are in, the statistics start from their median and their scaled median
+       absolute deviation: ``mean = median``, ``var = (1.4826 * MAD)**2``. Robust
+       statistics, so that a spike among the very first steps (when nothing can judge
+       it yet) does not inflate the threshold for the rest of the run.
+    2. **Threshold.** After the start, the learned threshold is
+       ``mean + z_threshold * sqrt(var)`` of the norms *before* the step, then floor,
+       ceiling and warm-up as in :class:`LearnedThreshold` (before the start is complete
+       there is no learned value: the threshold is the warm-up one, or infinite). A norm
+       above the threshold is scaled down to exactly the threshold; unlike ZClip's
+       default ``adaptive_scaling``, larger outliers are not pulled further down.
+    3. **Update.** The norm *winsorized* at the learned threshold,
+       ``x = min(norm, threshold)``, enters an exponentially weighted mean and variance::
+
+           n = number of norms that entered so far, this one included
+           a = max(1 / n, 1 - ema_decay)
+           d = x - mean
+           mean <- mean + a * d
+           var  <- (1 - a) * (var + a * d**2)
+
+       (counting the start as ``K`` entries, a running mean and variance at first,
+       an exponential moving average with decay ``ema_decay`` after ``1/(1-ema_decay)``
+       entries). Winsorizing keeps an outlier from inflating the mean and variance that
+       judge the next one.
+
+    Non-finite norms never enter, and an update that would make the mean or variance
+    non-finite is refused.
+
+    Args:
+        z_threshold: z, the number of standard deviations tolerated, > 0.
+        ema_decay: decay of the moving averages, in (0, 1) (ZClip's ``alpha``).
+        **bounds: ``warmup_steps``, ``warmup_max_norm``, ``max_norm``, ``min_norm``, ``device``: see
+            :class:`LearnedThreshold`.
+
+    Example:
+        >>> rule = ZScoreThreshold(z_threshold=2.0, warmup_steps=3)
+        >>> for x in (1.0, 2.0, 100.0):  # median 2, MAD 1: the 100 does not count
+        ...     rule.observe(torch.tensor(x), torch.tensor(True))
+        >>> rule.threshold()
+        tensor(4.9652)
+    """
+
+    #: consistency constant: 1.4826 * MAD estimates the standard deviation of a normal sample
+    MAD_SCALE = 1.4826
+
+    def __init__(
+        self,
+        *,
+        z_threshold: float = 2.5,
+        ema_decay: float = 0.97,
+        **bounds: Unpack[Bounds],
+    ) -> None:
+        _validation.number("z_threshold", z_threshold, low=0.0)
+        _validation.number("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
+        super().__init__(**bounds)
+        self.z_threshold = float(z_threshold)
+        self.ema_decay = float(ema_decay)
+        self.start_size = max(self.warmup_steps, 2)
+        dev = self.seen.device
+        self.mean = torch.zeros((), dtype=torch.float32, device=dev)
+        self.var = torch.zeros((), dtype=torch.float32, device=dev)
+        #: the first ``start_size`` norms; ``inf`` marks an empty slot
+        self.start = torch.full((self.start_size,), math.inf, dtype=torch.float32, device=dev)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"seen": self.seen, "mean": self.mean, "var": self.var, "start": self.start}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """As :meth:`LearnedThreshold.load_state_dict`; a start buffer of another size
+        (another ``warmup_steps``) is accepted once both starts are over, since it no
+        longer matters then."""
+        start = state.get("start")
+        if start is not None and tuple(torch.as_tensor(start).shape) != tuple(self.start.shape):
+            seen = int(torch.as_tensor(state.get("seen", 0)))
+            if seen < max(self.start_size, len(start)):
+                raise ValueError(
+                    f"cannot resume a z-score start phase of {len(start)} norms with warmup_steps="
+                    f"{self.warmup_steps} before it is over ({seen} norms seen); keep `warmup_steps` unchanged."
+                )
+            for name in ("seen", "mean", "var"):
+                if name not in state:
+                    raise ValueError(f"ZScoreThreshold state has no entry {name!r}; keys: {sorted(state)}.")
+                getattr(self, name).copy_(torch.as_tensor(state[name]).to(getattr(self, name)))
+            self.seen_at_least = seen
+            return
+        super().load_state_dict(state)
+
+    def _robust(self, start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Median and scaled MAD of the first ``count`` entries of ``start``."""
+        center = filled_percentile(start, count, 50.0)
+        deviation = torch.where(torch.isfinite(start), (start - center).abs(), torch.full_like(start, math.inf))
+        spread = self.MAD_SCALE * filled_percentile(deviation, count, 50.0)
+        return center, spread
+
+    def raw(self) -> Tensor:
+        value = self.mean + self.z_threshold * self.var.sqrt()
+        return torch.where(self.seen >= self.start_size, value, torch.full_like(value, math.inf))
+
+    def observe(self, norm: Tensor, accept: Tensor) -> None:
+        norm = norm.to(device=self.device, dtype=torch.float32)
+        ok = accept.to(self.device) & torch.isfinite(norm)
+        if self.seen_at_least >= self.start_size:  # known on the host: the start is over
+            x = torch.minimum(norm, self.learned())
+            weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
+            d = x - self.mean
+            mean = self.mean + weight * d
+            var = (1.0 - weight) * (self.var + weight * d * d)
+            ok = ok & torch.isfinite(mean) & torch.isfinite(var)
+            self.mean.copy_(torch.where(ok, mean, self.mean))
+            self.var.copy_(torch.where(ok, var, self.var))
+            self.seen.add_(ok.to(torch.int64))
+            return
+        starting = self.seen < self.start_size
+        # 1. start: keep the norm; when the start is complete, initialise from median / MAD
+        pos = self.seen.clamp(max=self.start_size - 1).view(1)
+        start = self.start.scatter(
+            0, pos, torch.where(starting & ok, norm, self.start.gather(0, pos).squeeze(0)).view(1)
+        )
+        center, spread = self._robust(start, (self.seen + 1).clamp(max=self.start_size))
+        complete = starting & (self.seen + 1 == self.start_size)
+        # 3. update with the winsorized norm
+        x = torch.minimum(norm, self.learned())
+        weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
+        d = x - self.mean
+        mean = torch.where(starting, torch.where(complete, center, self.mean), self.mean + weight * d)
+        var = torch.where(
+            starting, torch.where(complete, spread * spread, self.var), (1.0 - weight) * (self.var + weight * d * d)
+        )
+        ok = ok & torch.isfinite(mean) & torch.isfinite(var)
+        self.start.copy_(torch.where(ok, start, self.start))
+        self.mean.copy_(torch.where(ok, mean, self.mean))
+        self.var.copy_(torch.where(ok, var, self.var))
+        self.seen.add_(ok.to(torch.int64))
