@@ -1,51 +1,66 @@
 """Findings and advice from gradient snapshots: vanishing, exploding, dead and non-finite.
 
 Plain PyTorch, no Trainer. :class:`HealthDetector` keeps its running statistics on the
-device and turns one :class:`~lightning_gradguard.stats.GroupedStats` per step into a
-small device vector of flags and measurements (read to the host once per step by the
-callback). When a flag is up, :func:`build_finding` turns the host copy of the statistics
-into a :class:`Finding` that names the layers, the numbers and the remedies that fit the
-model (:func:`advise`).
+device (:class:`DetectorState`) and turns one :class:`~lightning_gradguard.stats.GroupedStats`
+per step into a :class:`DeviceReading`: flags and measurements as 0-dim device tensors,
+copied to the host as a :class:`Reading` in one transfer. When a flag is up,
+:class:`Evidence` gathers the host copies of the step (one more transfer) and
+:func:`build_finding` turns them into a :class:`Finding` that names the layers, the
+numbers and the remedies that fit the model (:func:`advise`).
 
 Example:
     >>> import torch
     >>> from torch import nn
     >>> from lightning_gradguard.stats import Grouping, ParamSet, take_snapshot
-    >>> from lightning_gradguard.diagnosis import HealthDetector
+    >>> from lightning_gradguard.diagnosis import DetectorConfig, Evidence, HealthDetector, build_finding
+    >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(8, 8), nn.Sigmoid())])
     >>> params = ParamSet.from_module(net)
     >>> layers = Grouping.build(params)
-    >>> detector = HealthDetector(patience=3)
-    >>> for _ in range(3):
+    >>> detector = HealthDetector(DetectorConfig(patience=3))
+    >>> for step in range(3):
     ...     net.zero_grad()
     ...     net(torch.randn(4, 8)).sum().backward()
-    ...     reading = detector.update(take_snapshot(params).grouped(layers))
-    >>> bool(reading[detector.index("vanishing")])
-    True
+    ...     stats = take_snapshot(params).grouped(layers)
+    ...     reading = detector.update(stats).to_host()
+    ...     print(step, reading.active)
+    0 ()
+    1 ()
+    2 ('vanishing',)
+    >>> finding = build_finding("vanishing", 2, Evidence.collect(detector, stats, reading), model=net)
+    >>> finding.layers[0][0], finding.ratio > 1e3, finding.advice[0].startswith("replace the Sigmoid")
+    ('0', True, True)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard import _validation
 from lightning_gradguard.stats import GroupedStats, HostStats
 
 __all__ = [
     "KINDS",
+    "DetectorConfig",
+    "DetectorState",
+    "DeviceReading",
+    "Evidence",
     "Finding",
     "GradientAnomalyError",
     "HealthDetector",
+    "Reading",
     "advise",
     "build_finding",
 ]
 
-#: The kinds of finding, in the order of :attr:`HealthDetector.FIELDS`' flags.
+#: The kinds of finding, in the order of the flags of :class:`Reading`.
 KINDS = ("nonfinite", "exploding", "vanishing", "dead", "overflow")
 
 
@@ -106,6 +121,184 @@ class Finding:
 
 
 # --------------------------------------------------------------------------------------
+# Settings, state and readings
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The settings of :class:`HealthDetector`, with their defaults, checked on construction.
+
+    The defaults come from measurements on healthy and broken models (see the README's
+    "How the defaults were chosen"). Each setting is kept in its normal form (a
+    ``float`` for a number, so ``5`` and ``5.0`` are the same setting and the same
+    ``state_key``).
+
+    Args:
+        max_norm: absolute ceiling on the total norm (``None``: none).
+        spike_zscore: z-score of log-norm that counts as a spike (``None``: no spike rule).
+        spike_min_ratio: a spike must also be this many times the moving level (``None``:
+            no such guard).
+        ema_alpha: weight of the newest step in the moving mean/variance, in (0, 1).
+        warmup_steps: finite steps before the spike rule is armed.
+        vanish_ratio: median deepest/shallowest norm ratio that counts as vanishing, > 1
+            (``None``: off).
+        vanish_floor: absolute floor for the shallowest layer's median norm (``None``: off).
+        patience: the window, in finite steps, of the vanishing medians.
+        dead_patience: consecutive all-zero steps that make a layer dead.
+        max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
+        min_loss_scale: fp16 loss scale below which overflow counts as a failure.
+
+    Raises:
+        ValueError: if a setting is outside what is allowed; the message names it.
+
+    Example:
+        >>> DetectorConfig(vanish_ratio=0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `vanish_ratio` must be a finite number > 1 or None, got 0.5.
+    """
+
+    max_norm: float | None = 1e6
+    spike_zscore: float | None = 8.0
+    spike_min_ratio: float | None = 50.0
+    ema_alpha: float = 0.05
+    warmup_steps: int = 20
+    vanish_ratio: float | None = 1e3
+    vanish_floor: float | None = None
+    patience: int = 20
+    dead_patience: int = 10
+    max_consecutive_overflows: int = 20
+    min_loss_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _SETTING_CHECKS[f.name](f.name, getattr(self, f.name)))
+
+
+_positive_or_none = partial(_validation.number, low=0, allow_none=True)
+#: setting -> its check (a ``_validation`` function taking the name and the value), in field order.
+_SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "max_norm": _positive_or_none,
+    "spike_zscore": _positive_or_none,
+    "spike_min_ratio": _positive_or_none,
+    "ema_alpha": partial(_validation.number, low=0, high=1, high_inclusive=False),
+    "warmup_steps": partial(_validation.integer, low=0),
+    "vanish_ratio": partial(_validation.number, low=1, allow_none=True),  # deepest / shallowest norm
+    "vanish_floor": _positive_or_none,
+    "patience": partial(_validation.integer, high=_validation.MAX_WINDOW),  # sizes the median window
+    "dead_patience": _validation.integer,
+    "max_consecutive_overflows": _validation.integer,
+    "min_loss_scale": partial(_validation.number, low=0),
+}
+
+
+@dataclass
+class DetectorState:
+    """The running statistics of :class:`HealthDetector`, float32 device tensors.
+
+    Attributes:
+        count: finite steps seen (arms the spike rule).
+        mean, var: moving mean and variance of log(total norm).
+        vanish_seen: finite steps written into the rings.
+        shallow_ring, deep_ring: log-norms of the shallowest and deepest layers over the
+            last ``patience`` finite steps (NaN where not written yet).
+        overflow_run: fp16 overflow steps in a row.
+        dead_run: per group, all-zero steps in a row.
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+    vanish_seen: Tensor
+    shallow_ring: Tensor
+    deep_ring: Tensor
+    overflow_run: Tensor
+    dead_run: Tensor
+
+    @classmethod
+    def fresh(
+        cls, patience: int, num_groups: int, device: torch.device, keep: Mapping[str, Tensor] | None = None
+    ) -> DetectorState:
+        """A new state; the tensors of ``keep`` (a checkpoint, an older state) whose shape fits are taken over."""
+        scalars = ("count", "mean", "var", "vanish_seen", "overflow_run")
+        values = {name: torch.zeros((), dtype=torch.float32, device=device) for name in scalars}
+        for ring in ("shallow_ring", "deep_ring"):
+            values[ring] = torch.full((patience,), math.nan, dtype=torch.float32, device=device)
+        values["dead_run"] = torch.zeros(num_groups, dtype=torch.float32, device=device)
+        for name, value in (keep or {}).items():
+            if name in values and value.shape == values[name].shape:
+                values[name] = value.to(device)
+        return cls(**values)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Name -> tensor, in the order of the checkpoint format."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to(self, device: torch.device) -> DetectorState:
+        return DetectorState(**{name: value.to(device) for name, value in self.tensors().items()})
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One step's flags and measurements on the host (from :meth:`DeviceReading.to_host`).
+
+    Attributes:
+        nonfinite, exploding, vanishing, dead, overflow: whether each kind's rule fired.
+        zscore: z-score of log(total norm) (NaN until the spike rule is armed).
+        ratio: median deepest/shallowest norm ratio (NaN with fewer than two layers that
+            have a gradient).
+        total_norm: the total gradient norm.
+        loss_scale: the fp16 loss scale (1 without a scaler).
+    """
+
+    nonfinite: bool
+    exploding: bool
+    vanishing: bool
+    dead: bool
+    overflow: bool
+    zscore: float
+    ratio: float
+    total_norm: float
+    loss_scale: float
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The kinds whose flag is up, in :data:`KINDS` order."""
+        return tuple(kind for kind in KINDS if getattr(self, kind))
+
+    def as_dict(self) -> dict[str, float]:
+        """Every field as a float (flags 0.0/1.0), as crash dumps store it."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """What :meth:`HealthDetector.update` returns: the fields of :class:`Reading` as 0-dim device tensors.
+
+    The flags are bool tensors, the measurements floating point. Nothing here has left
+    the device; :meth:`to_host` is the step's one host copy.
+    """
+
+    nonfinite: Tensor
+    exploding: Tensor
+    vanishing: Tensor
+    dead: Tensor
+    overflow: Tensor
+    zscore: Tensor
+    ratio: Tensor
+    total_norm: Tensor
+    loss_scale: Tensor
+
+    def to_host(self) -> Reading:
+        """Copy every field to the host in one transfer."""
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        values = torch.stack([t.float() if t.dtype == torch.bool else t for t in tensors]).tolist()
+        flags, measures = values[: len(KINDS)], values[len(KINDS) :]
+        return Reading(*(flag > 0 for flag in flags), *measures)
+
+
+# --------------------------------------------------------------------------------------
 # Device-side detection
 # --------------------------------------------------------------------------------------
 
@@ -113,13 +306,13 @@ class Finding:
 class HealthDetector:
     """Running gradient-health checks, all on the device.
 
-    Per step, :meth:`update` returns a float32 device vector laid out as
-    :attr:`FIELDS`: one 0/1 flag per kind (``nonfinite``, ``exploding``, ``vanishing``,
-    ``dead``, ``overflow``), then ``zscore`` (NaN until the spike rule is armed), ``ratio``
-    (NaN with fewer than two layers that have a gradient), ``total_norm``, ``loss_scale``.
-    Reading it is the caller's single host copy for the step.
+    Per step, :meth:`update` returns a :class:`DeviceReading`: one flag per kind
+    (``nonfinite``, ``exploding``, ``vanishing``, ``dead``, ``overflow``), the ``zscore``
+    (NaN until the spike rule is armed), the ``ratio`` (NaN with fewer than two layers that
+    have a gradient), the ``total_norm`` and the ``loss_scale``. Its
+    :meth:`~DeviceReading.to_host` is the caller's single host copy for the step.
 
-    Rules (every threshold is an argument):
+    Rules (every threshold is a setting of :class:`DetectorConfig`):
 
     - **nonfinite**: a NaN/Inf in any gradient or a non-finite loss. Under an fp16
       ``GradScaler`` (``scaler_active=True``) such a step is an *overflow* that the scaler
@@ -143,91 +336,57 @@ class HealthDetector:
       consecutive finite steps (max |g| is exact, so float32 underflow of a norm cannot
       fake it).
 
-    The defaults come from measurements on healthy and broken models (see the README's
-    "How the defaults were chosen").
+    Non-finite steps never enter the running statistics.
 
     Args:
-        max_norm: absolute ceiling on the total norm (``None``: none).
-        spike_zscore: z-score of log-norm that counts as a spike (``None``: no spike rule).
-        spike_min_ratio: a spike must also be this many times the moving level (``None``:
-            no such guard).
-        ema_alpha: weight of the newest step in the moving mean/variance, in (0, 1).
-        warmup_steps: finite steps before the spike rule is armed.
-        vanish_ratio: median deepest/shallowest norm ratio that counts as vanishing
-            (``None``: off).
-        vanish_floor: absolute floor for the shallowest layer's median norm (``None``: off).
-        patience: the window, in finite steps, of the vanishing medians.
-        dead_patience: consecutive all-zero steps that make a layer dead.
-        max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
-        min_loss_scale: fp16 loss scale below which overflow counts as a failure.
+        config: the settings; ``None`` builds one from ``settings``.
+        **settings: the fields of :class:`DetectorConfig`, when no ``config`` is given
+            (``HealthDetector(patience=3)``).
+
+    Raises:
+        ValueError: if a setting is outside what is allowed.
+        TypeError: if both ``config`` and ``settings`` are given.
     """
 
-    FIELDS = (*KINDS, "zscore", "ratio", "total_norm", "loss_scale")
-
-    def __init__(
-        self,
-        *,
-        max_norm: float | None = 1e6,
-        spike_zscore: float | None = 8.0,
-        spike_min_ratio: float | None = 50.0,
-        ema_alpha: float = 0.05,
-        warmup_steps: int = 20,
-        vanish_ratio: float | None = 1e3,
-        vanish_floor: float | None = None,
-        patience: int = 20,
-        dead_patience: int = 10,
-        max_consecutive_overflows: int = 20,
-        min_loss_scale: float = 1.0,
-    ) -> None:
-        self.max_norm = max_norm
-        self.spike_zscore = spike_zscore
-        self.spike_min_ratio = spike_min_ratio
-        self.ema_alpha = ema_alpha
-        self.warmup_steps = warmup_steps
-        self.vanish_ratio = vanish_ratio
-        self.vanish_floor = vanish_floor
-        self.patience = patience
-        self.dead_patience = dead_patience
-        self.max_consecutive_overflows = max_consecutive_overflows
-        self.min_loss_scale = min_loss_scale
-        self._state: dict[str, Tensor] = {}
+    def __init__(self, config: DetectorConfig | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            raise TypeError("HealthDetector takes either a DetectorConfig or its settings as keywords, not both.")
+        self.config = config if config is not None else DetectorConfig(**settings)
+        self._state: DetectorState | None = None
+        self._restored: dict[str, Tensor] = {}  # a checkpoint's tensors, taken over at the next update
         self._present_cache: dict[tuple[tuple[bool, ...], torch.device], Tensor] = {}
-
-    def index(self, name: str) -> int:
-        """Position of ``name`` in :attr:`FIELDS`."""
-        return self.FIELDS.index(name)
 
     # -------------------------------------------------------------- state
 
-    def _ensure_state(self, num_groups: int, device: torch.device) -> dict[str, Tensor]:
+    def _ensure_state(self, num_groups: int, device: torch.device) -> DetectorState:
         st = self._state
-        if not st or st["dead_run"].numel() != num_groups:
-            zeros = torch.zeros((), dtype=torch.float32, device=device)
-            fresh = {
-                "count": zeros.clone(),
-                "mean": zeros.clone(),
-                "var": zeros.clone(),
-                "vanish_seen": zeros.clone(),
-                "shallow_ring": torch.full((self.patience,), math.nan, device=device),
-                "deep_ring": torch.full((self.patience,), math.nan, device=device),
-                "overflow_run": zeros.clone(),
-                "dead_run": torch.zeros(num_groups, dtype=torch.float32, device=device),
-            }
-            # keep what a checkpoint restored, when its shape fits
-            for key, value in st.items():
-                if key in fresh and value.shape == fresh[key].shape:
-                    fresh[key] = value.to(device)
-            self._state = st = fresh
-        elif st["count"].device != device:
-            self._state = st = {k: v.to(device) for k, v in st.items()}
+        if st is None or st.dead_run.numel() != num_groups:
+            keep = st.tensors() if st is not None else self._restored  # what still fits is kept
+            self._state = st = DetectorState.fresh(self.config.patience, num_groups, device, keep)
+            self._restored = {}
+        elif st.count.device != device:
+            self._state = st = st.to(device)
         return st
 
     def state_dict(self) -> dict[str, list[float] | float]:
-        """Running statistics as plain Python numbers (one host copy; call at checkpoint time)."""
-        return {k: (v.tolist()) for k, v in self._state.items()}
+        """Running statistics as plain Python numbers (one host copy per tensor; call at checkpoint time)."""
+        tensors = self._state.tensors() if self._state is not None else self._restored
+        return {name: value.tolist() for name, value in tensors.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = {k: torch.tensor(v, dtype=torch.float32) for k, v in state.items()}
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s numbers; they take effect at the next :meth:`update`."""
+        self._restored = {name: torch.tensor(value, dtype=torch.float32) for name, value in state.items()}
+        self._state = None
+
+    def dead_groups(self) -> Tensor:
+        """Per group, whether it has been all-zero for ``dead_patience`` steps (device bool)."""
+        if self._state is None:
+            return torch.zeros(0, dtype=torch.bool)
+        return self._state.dead_run >= self.config.dead_patience
+
+    def overflow_run(self) -> Tensor:
+        """fp16 overflow steps in a row so far (0-dim float32 device tensor)."""
+        return self._state.overflow_run if self._state is not None else torch.zeros(())
 
     # -------------------------------------------------------------- the check
 
@@ -238,7 +397,7 @@ class HealthDetector:
         loss_finite: Tensor | None = None,
         scaler_active: bool = False,
         loss_scale: Tensor | None = None,
-    ) -> Tensor:
+    ) -> DeviceReading:
         """Check one step's statistics and advance the running state; no host sync.
 
         Args:
@@ -246,112 +405,108 @@ class HealthDetector:
             loss_finite: 0-dim device bool, whether every micro-batch loss was finite.
             scaler_active: an enabled fp16 ``GradScaler`` will skip non-finite steps.
             loss_scale: the scaler's current scale (device tensor), if any.
-
-        Returns:
-            A float32 device vector laid out as :attr:`FIELDS`.
         """
-        norms, maxes = stats.norms, stats.max_abs
-        device = norms.device
-        st = self._ensure_state(len(norms), device)
-        one = torch.ones((), device=device)
-        zero = torch.zeros((), device=device)
-
-        finite = torch.isfinite(maxes).all()
+        device = stats.norms.device
+        st = self._ensure_state(len(stats.norms), device)
+        finite = torch.isfinite(stats.max_abs).all()
         if loss_finite is not None:
             finite = finite & loss_finite.to(device)
         total = stats.total_norm
-
-        # --- non-finite / fp16 overflow
-        if scaler_active:
-            overflow_run = torch.where(finite, zero, st["overflow_run"] + 1)
-            scale = loss_scale.to(device).float() if loss_scale is not None else one
-            failing = (overflow_run >= self.max_consecutive_overflows) | (scale < self.min_loss_scale)
-            nonfinite = ~finite & failing
-            overflow = ~finite
-            st["overflow_run"] = overflow_run
-        else:
-            nonfinite = ~finite
-            overflow = torch.zeros((), dtype=torch.bool, device=device)
-            scale = one
-
-        # --- exploding: ceiling and spike of log-norm against a moving mean/variance
-        log_total = torch.log(total.clamp_min(1e-38))
-        std = st["var"].clamp_min(0.1).sqrt()
-        z = (log_total - st["mean"]) / std
-        armed = st["count"] >= self.warmup_steps
-        exploding = torch.zeros((), dtype=torch.bool, device=device)
-        if self.spike_zscore is not None:
-            spike = armed & (z > self.spike_zscore)
-            if self.spike_min_ratio is not None:
-                spike = spike & (log_total - st["mean"] >= math.log(self.spike_min_ratio))
-            exploding = exploding | spike
-        if self.max_norm is not None:
-            exploding = exploding | (total > self.max_norm)
-        exploding = exploding & finite
-        # update the moving statistics with finite steps only, spikes capped
-        alpha = self.ema_alpha
-        cap = st["mean"] + (self.spike_zscore or math.inf) * std
-        x = torch.where(armed, torch.minimum(log_total, cap), log_total)
-        first = st["count"] == 0
-        delta = x - st["mean"]
-        new_mean = torch.where(first, x, st["mean"] + alpha * delta)
-        new_var = torch.where(first, zero, (1 - alpha) * (st["var"] + alpha * delta * delta))
-        st["mean"] = torch.where(finite, new_mean, st["mean"])
-        st["var"] = torch.where(finite, new_var, st["var"])
-        st["count"] = st["count"] + finite.float()
-
-        # --- vanishing: medians over a window of the deepest and shallowest layers that
-        # have a gradient
-        present = [i for i, p in enumerate(stats.present) if p]
-        ratio = torch.full((), math.nan, device=device)
-        vanishing = torch.zeros((), dtype=torch.bool, device=device)
-        if len(present) >= 2:
-            log_shallow = torch.log(norms[present[0]].clamp_min(1e-38))
-            log_deep = torch.log(norms[present[-1]].clamp_min(1e-38))
-            slot = (st["vanish_seen"] % self.patience).long().view(1)
-            shallow_ring = st["shallow_ring"].index_copy(0, slot, log_shallow.view(1))
-            deep_ring = st["deep_ring"].index_copy(0, slot, log_deep.view(1))
-            st["shallow_ring"] = torch.where(finite, shallow_ring, st["shallow_ring"])
-            st["deep_ring"] = torch.where(finite, deep_ring, st["deep_ring"])
-            st["vanish_seen"] = st["vanish_seen"] + finite.float()
-            full = st["vanish_seen"] >= self.patience
-            log_ratio = (st["deep_ring"] - st["shallow_ring"]).nanmedian()
-            ratio = torch.exp(log_ratio)
-            if self.vanish_ratio is not None:
-                vanishing = vanishing | (full & (log_ratio > math.log(self.vanish_ratio)))
-            if self.vanish_floor is not None:
-                floor = math.log(self.vanish_floor)
-                low = (st["shallow_ring"].nanmedian() < floor) & (st["deep_ring"].nanmedian() >= floor)
-                vanishing = vanishing | (full & low)
-
-        # --- dead: all-zero gradient in a group that has gradients
-        key = (stats.present, device)
-        has = self._present_cache.get(key)
-        if has is None:  # built once per layout: no host-to-device copy per step
-            has = self._present_cache[key] = torch.tensor(stats.present, dtype=torch.bool, device=device)
-        zero_now = (maxes == 0) & has
-        dead_run = torch.where(zero_now, st["dead_run"] + 1, torch.zeros_like(st["dead_run"]))
-        dead_run = torch.where(finite, dead_run, st["dead_run"])
-        st["dead_run"] = dead_run
-        dead = (dead_run >= self.dead_patience).any()
-
-        return torch.stack(
-            [
-                nonfinite.float(),
-                exploding.float(),
-                vanishing.float(),
-                dead.float(),
-                overflow.float(),
-                torch.where(armed, z, torch.full_like(z, math.nan)),  # no z-score before the rule is armed
-                ratio,
-                total,
-                scale,
-            ]
+        nonfinite, overflow, scale = self._nonfinite(st, finite, scaler_active, loss_scale)
+        exploding, zscore = self._exploding(st, total, finite)
+        vanishing, ratio = self._vanishing(st, stats, finite)
+        dead = self._dead(st, stats, finite)
+        return DeviceReading(
+            nonfinite=nonfinite,
+            exploding=exploding,
+            vanishing=vanishing,
+            dead=dead,
+            overflow=overflow,
+            zscore=zscore,
+            ratio=ratio,
+            total_norm=total,
+            loss_scale=scale,
         )
 
-    def dead_groups(self) -> Tensor:
-        """Per group, whether it has been all-zero for ``dead_patience`` steps (device bool)."""
-        return self._state["dead_run"] >= self.dead_patience if self._state else torch.zeros(0, dtype=torch.bool)
+    def _nonfinite(
+        self, st: DetectorState, finite: Tensor, scaler_active: bool, loss_scale: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(nonfinite, overflow, loss scale)``: under a scaler a non-finite step is an overflow first."""
+        one = torch.ones((), device=finite.device)
+        if not scaler_active:
+            return ~finite, torch.zeros_like(finite), one
+        st.overflow_run = torch.where(finite, torch.zeros_like(st.overflow_run), st.overflow_run + 1)
+        scale = loss_scale.to(finite.device).float() if loss_scale is not None else one
+        cfg = self.config
+        failing = (st.overflow_run >= cfg.max_consecutive_overflows) | (scale < cfg.min_loss_scale)
+        return ~finite & failing, ~finite, scale
+
+    def _exploding(self, st: DetectorState, total: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+        """``(exploding, z-score)``: the ceiling, and a spike of log-norm against the moving mean/variance."""
+        cfg = self.config
+        log_total = torch.log(total.clamp_min(1e-38))
+        std = st.var.clamp_min(0.1).sqrt()
+        z = (log_total - st.mean) / std
+        armed = st.count >= cfg.warmup_steps
+        exploding = torch.zeros((), dtype=torch.bool, device=total.device)
+        if cfg.spike_zscore is not None:
+            spike = armed & (z > cfg.spike_zscore)
+            if cfg.spike_min_ratio is not None:
+                spike = spike & (log_total - st.mean >= math.log(cfg.spike_min_ratio))
+            exploding = exploding | spike
+        if cfg.max_norm is not None:
+            exploding = exploding | (total > cfg.max_norm)
+        self._learn_level(st, log_total, std, armed, finite)
+        return exploding & finite, torch.where(armed, z, torch.full_like(z, math.nan))
+
+    def _learn_level(self, st: DetectorState, log_total: Tensor, std: Tensor, armed: Tensor, finite: Tensor) -> None:
+        """Move the log-norm mean/variance with finite steps only, a spike capped at mean + ``spike_zscore`` std."""
+        alpha = self.config.ema_alpha
+        cap = st.mean + (self.config.spike_zscore or math.inf) * std
+        x = torch.where(armed, torch.minimum(log_total, cap), log_total)
+        first = st.count == 0
+        delta = x - st.mean
+        new_mean = torch.where(first, x, st.mean + alpha * delta)
+        new_var = torch.where(first, torch.zeros_like(st.var), (1 - alpha) * (st.var + alpha * delta * delta))
+        st.mean = torch.where(finite, new_mean, st.mean)
+        st.var = torch.where(finite, new_var, st.var)
+        st.count = st.count + finite.float()
+
+    def _vanishing(self, st: DetectorState, stats: GroupedStats, finite: Tensor) -> tuple[Tensor, Tensor]:
+        """``(vanishing, ratio)``: medians over a window of the deepest and shallowest layers with a gradient."""
+        cfg, device = self.config, finite.device
+        present = [i for i, p in enumerate(stats.present) if p]
+        vanishing = torch.zeros((), dtype=torch.bool, device=device)
+        if len(present) < 2:
+            return vanishing, torch.full((), math.nan, device=device)
+        log_shallow = torch.log(stats.norms[present[0]].clamp_min(1e-38))
+        log_deep = torch.log(stats.norms[present[-1]].clamp_min(1e-38))
+        slot = (st.vanish_seen % cfg.patience).long().view(1)
+        shallow_ring = st.shallow_ring.index_copy(0, slot, log_shallow.view(1))
+        deep_ring = st.deep_ring.index_copy(0, slot, log_deep.view(1))
+        st.shallow_ring = torch.where(finite, shallow_ring, st.shallow_ring)
+        st.deep_ring = torch.where(finite, deep_ring, st.deep_ring)
+        st.vanish_seen = st.vanish_seen + finite.float()
+        full = st.vanish_seen >= cfg.patience
+        log_ratio = (st.deep_ring - st.shallow_ring).nanmedian()
+        if cfg.vanish_ratio is not None:
+            vanishing = vanishing | (full & (log_ratio > math.log(cfg.vanish_ratio)))
+        if cfg.vanish_floor is not None:
+            floor = math.log(cfg.vanish_floor)
+            low = (st.shallow_ring.nanmedian() < floor) & (st.deep_ring.nanmedian() >= floor)
+            vanishing = vanishing | (full & low)
+        return vanishing, torch.exp(log_ratio)
+
+    def _dead(self, st: DetectorState, stats: GroupedStats, finite: Tensor) -> Tensor:
+        """Whether a group that has gradients was all-zero for ``dead_patience`` finite steps in a row."""
+        key = (stats.present, finite.device)
+        has = self._present_cache.get(key)
+        if has is None:  # built once per layout: no host-to-device copy per step
+            has = self._present_cache[key] = torch.tensor(stats.present, dtype=torch.bool, device=finite.device)
+        zero_now = (stats.max_abs == 0) & has
+        dead_run = torch.where(zero_now, st.dead_run + 1, torch.zeros_like(st.dead_run))
+        st.dead_run = torch.where(finite, dead_run, st.dead_run)
+        return (st.dead_run >= self.config.dead_patience).any()
 
 
 # --------------------------------------------------------------------------------------
@@ -458,87 +613,152 @@ def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False) -
     return out
 
 
-def _layers_below(host: HostStats, limit: float) -> list[tuple[str, float]]:
-    return [(n, v) for n, v in host.group_norms.items() if v < limit]
+# --------------------------------------------------------------------------------------
+# Findings: one builder per kind
+# --------------------------------------------------------------------------------------
 
 
-def build_finding(
-    kind: str,
-    step: int,
-    host: HostStats,
-    reading: Sequence[float],
-    *,
-    detector: HealthDetector,
-    present: Sequence[bool],
-    model: nn.Module | None = None,
-    scaler_active: bool = False,
-    dead_groups: Sequence[bool] = (),
-    overflow_run: int | None = None,
-) -> Finding:
-    """Turn a flagged step into a :class:`Finding` (host side; runs only when a flag is up)."""
-    fields = dict(zip(HealthDetector.FIELDS, reading))
-    z, ratio, total = fields["zscore"], fields["ratio"], fields["total_norm"]
-    names = [n for n, p in zip(host.group_norms, present) if p]
-    layers: list[tuple[str, float]] = []
+@dataclass(frozen=True)
+class Evidence:
+    """The host copies a finding is built from (gathered only when a flag is up).
+
+    Attributes:
+        host: the step's per-group statistics on the host.
+        reading: the step's :class:`Reading`.
+        config: the detector's settings.
+        present: per group, whether it had a gradient.
+        scaler_active: an enabled fp16 ``GradScaler`` was in use.
+        dead_groups: per group, whether it is dead.
+        overflow_run: fp16 overflow steps in a row (``None`` without a scaler).
+    """
+
+    host: HostStats
+    reading: Reading
+    config: DetectorConfig
+    present: tuple[bool, ...]
+    scaler_active: bool = False
+    dead_groups: tuple[bool, ...] = ()
+    overflow_run: int | None = None
+
+    @classmethod
+    def collect(
+        cls, detector: HealthDetector, stats: GroupedStats, reading: Reading, *, scaler_active: bool = False
+    ) -> Evidence:
+        """The statistics and the detector's dead groups and overflow run, in one host copy."""
+        host = stats.to_host(extra=[detector.dead_groups(), detector.overflow_run()])
+        dead, (run,) = host.extras
+        return cls(
+            host=host,
+            reading=reading,
+            config=detector.config,
+            present=stats.present,
+            scaler_active=scaler_active,
+            dead_groups=tuple(d > 0 for d in dead),
+            overflow_run=int(run) if scaler_active else None,
+        )
+
+    @property
+    def names(self) -> list[str]:
+        """The groups that had a gradient, in depth order."""
+        return [n for n, p in zip(self.host.group_norms, self.present) if p]
+
+    def norms_of(self, names: Iterable[str]) -> list[tuple[str, float]]:
+        """``(name, norm)`` of each named group."""
+        return [(n, self.host.group_norms[n]) for n in names]
+
+
+class _Draft(NamedTuple):
+    """What a builder contributes to a :class:`Finding`."""
+
+    summary: str
+    layers: list[tuple[str, float]]
+    ratio: float | None = None
     zscore: float | None = None
-    ratio_out: float | None = None
-    if kind == "nonfinite":
-        layers = [(n, host.group_norms[n]) for n in host.nonfinite_groups]
-        if layers:
-            summary = f"NaN/Inf in {len(layers)} layer(s), first {layers[0][0]}"
-        else:
-            summary = "the training loss is NaN/Inf"
-        if scaler_active:
-            summary += (
-                f" after {overflow_run} fp16 overflow steps in a row (loss scale {fields['loss_scale']:.3g})"
-                if overflow_run
-                else f" and the loss scale fell to {fields['loss_scale']:.3g}"
-            )
-        summary += "; the step was skipped, the weights are untouched"
-    elif kind == "overflow":
-        layers = [(n, host.group_norms[n]) for n in host.nonfinite_groups]
-        summary = (
-            f"fp16 overflow (loss scale {fields['loss_scale']:.3g}); the GradScaler skips this step and lowers "
-            "the scale — normal now and then"
+
+
+def _nonfinite_finding(ev: Evidence) -> _Draft:
+    layers = ev.norms_of(ev.host.nonfinite_groups)
+    summary = f"NaN/Inf in {len(layers)} layer(s), first {layers[0][0]}" if layers else "the training loss is NaN/Inf"
+    if ev.scaler_active:
+        scale = ev.reading.loss_scale
+        summary += (
+            f" after {ev.overflow_run} fp16 overflow steps in a row (loss scale {scale:.3g})"
+            if ev.overflow_run
+            else f" and the loss scale fell to {scale:.3g}"
         )
-    elif kind == "exploding":
-        ranked = sorted(((n, host.group_norms[n]) for n in names), key=lambda kv: -kv[1])
-        layers = ranked[:6]
-        parts = [f"total norm {total:.3g}"]
-        if detector.max_norm is not None and total > detector.max_norm:
-            parts.append(f"above the ceiling max_norm={detector.max_norm:g}")
-        if math.isfinite(z) and detector.spike_zscore is not None and z > detector.spike_zscore:
-            parts.append(f"a spike {z:.1f} standard deviations above the run's recent log-norm")
-            zscore = z
-        summary = ", ".join(parts)
-    elif kind == "vanishing":
-        ratio_out = ratio
-        deep = host.group_norms[names[-1]] if names else math.nan
-        limit = deep / detector.vanish_ratio if detector.vanish_ratio else (detector.vanish_floor or 0.0)
-        if detector.vanish_floor is not None:
-            limit = max(limit, detector.vanish_floor)
-        layers = [(n, v) for n, v in _layers_below(host, limit) if n in names] or [
-            (names[0], host.group_norms[names[0]])
-        ]
-        shallow = host.group_norms[names[0]]
-        now = deep / shallow if shallow > 0 else math.inf
-        summary = (
-            f"the shallowest layer's gradient is {now:.3g}x smaller than the deepest's "
-            f"({names[0]}: {shallow:.3g} vs {names[-1]}: {deep:.3g}; median over the last "
-            f"{detector.patience} steps: {ratio:.3g}x)"
-        )
-    elif kind == "dead":
-        layers = [(n, host.group_norms[n]) for n, d in zip(host.group_norms, dead_groups) if d]
-        summary = f"{len(layers)} layer(s) received an all-zero gradient for {detector.dead_patience} steps in a row"
-    else:  # pragma: no cover - guarded by KINDS
-        raise ValueError(f"unknown kind {kind!r}")
+    return _Draft(summary + "; the step was skipped, the weights are untouched", layers)
+
+
+def _overflow_finding(ev: Evidence) -> _Draft:
+    summary = (
+        f"fp16 overflow (loss scale {ev.reading.loss_scale:.3g}); the GradScaler skips this step and lowers "
+        "the scale — normal now and then"
+    )
+    return _Draft(summary, ev.norms_of(ev.host.nonfinite_groups))
+
+
+def _exploding_finding(ev: Evidence) -> _Draft:
+    cfg, total, z = ev.config, ev.reading.total_norm, ev.reading.zscore
+    parts = [f"total norm {total:.3g}"]
+    if cfg.max_norm is not None and total > cfg.max_norm:
+        parts.append(f"above the ceiling max_norm={cfg.max_norm:g}")
+    spike = math.isfinite(z) and cfg.spike_zscore is not None and z > cfg.spike_zscore
+    if spike:
+        parts.append(f"a spike {z:.1f} standard deviations above the run's recent log-norm")
+    ranked = sorted(ev.norms_of(ev.names), key=lambda kv: -kv[1])
+    return _Draft(", ".join(parts), ranked[:6], zscore=z if spike else None)
+
+
+def _vanishing_finding(ev: Evidence) -> _Draft:
+    cfg, names, norms = ev.config, ev.names, ev.host.group_norms
+    deep = norms[names[-1]] if names else math.nan
+    limit = deep / cfg.vanish_ratio if cfg.vanish_ratio else (cfg.vanish_floor or 0.0)
+    if cfg.vanish_floor is not None:
+        limit = max(limit, cfg.vanish_floor)
+    layers = [(n, v) for n, v in norms.items() if v < limit and n in names] or ev.norms_of(names[:1])
+    shallow = norms[names[0]]
+    now = deep / shallow if shallow > 0 else math.inf
+    summary = (
+        f"the shallowest layer's gradient is {now:.3g}x smaller than the deepest's "
+        f"({names[0]}: {shallow:.3g} vs {names[-1]}: {deep:.3g}; median over the last "
+        f"{cfg.patience} steps: {ev.reading.ratio:.3g}x)"
+    )
+    return _Draft(summary, layers, ratio=ev.reading.ratio)
+
+
+def _dead_finding(ev: Evidence) -> _Draft:
+    layers = ev.norms_of(n for n, d in zip(ev.host.group_norms, ev.dead_groups) if d)
+    summary = f"{len(layers)} layer(s) received an all-zero gradient for {ev.config.dead_patience} steps in a row"
+    return _Draft(summary, layers)
+
+
+#: kind -> the builder of its finding's summary, layers and numbers.
+_BUILDERS: dict[str, Callable[[Evidence], _Draft]] = {
+    "nonfinite": _nonfinite_finding,
+    "exploding": _exploding_finding,
+    "vanishing": _vanishing_finding,
+    "dead": _dead_finding,
+    "overflow": _overflow_finding,
+}
+
+
+def build_finding(kind: str, step: int, evidence: Evidence, *, model: nn.Module | None = None) -> Finding:
+    """Turn a flagged step into a :class:`Finding` (host side; runs only when a flag is up).
+
+    Raises:
+        ValueError: if ``kind`` is not one of :data:`KINDS`.
+    """
+    builder = _BUILDERS.get(kind)
+    if builder is None:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
+    draft = builder(evidence)
     return Finding(
         kind=kind,
         step=step,
-        summary=summary,
-        layers=layers,
-        total_norm=total,
-        ratio=ratio_out,
-        zscore=zscore,
-        advice=advise(kind, model, scaler_active=scaler_active),
+        summary=draft.summary,
+        layers=draft.layers,
+        total_norm=evidence.reading.total_norm,
+        ratio=draft.ratio,
+        zscore=draft.zscore,
+        advice=advise(kind, model, scaler_active=evidence.scaler_active),
     )

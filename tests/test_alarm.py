@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import inspect
 import math
 import os
 import sys
@@ -24,6 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradguard import GradientAnomalyError, GradientNormLogger, VanishExplodeAlarm
+from lightning_gradguard.callbacks import _session
+from lightning_gradguard.diagnosis import DetectorConfig, DeviceReading
+from lightning_gradguard.stats import take_snapshot
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from demo import Classifier, DeepSigmoidMLP, ResidualReLUMLP, two_spirals
@@ -281,16 +286,96 @@ def test_state_dict_round_trip_restores_the_running_statistics(tmp_path):
     fresh = VanishExplodeAlarm(warmup_steps=3)
     fresh.load_state_dict(state)
     assert fresh.steps_checked == 6
-    restored = fresh._detector(0)
-    assert restored._state["count"].item() == pytest.approx(6.0)
-    assert restored._state["mean"].item() == pytest.approx(alarm.detectors[0]._state["mean"].item())
+    restored = fresh._detector(0).state_dict()
+    assert restored["count"] == pytest.approx(6.0)
+    assert restored["mean"] == pytest.approx(alarm.detectors[0].state_dict()["mean"])
 
 
-def test_works_beside_the_logger_sharing_one_snapshot(tmp_path):
+def test_works_beside_the_logger_sharing_one_snapshot(tmp_path, monkeypatch):
+    taken = []
+
+    def counting_take_snapshot(*args, **kwargs):
+        taken.append(take_snapshot(*args, **kwargs))
+        return taken[-1]
+
+    readings = []
+    to_host = DeviceReading.to_host
+    monkeypatch.setattr(_session, "take_snapshot", counting_take_snapshot)
+    monkeypatch.setattr(DeviceReading, "to_host", lambda reading: readings.append(to_host(reading)) or readings[-1])
     alarm = VanishExplodeAlarm()
     trainer = _fit(tmp_path, RecordingMLP(), loader(), [GradientNormLogger(), alarm], max_steps=5)
+    assert len(taken) == 5, "each callback took its own snapshot"  # one per optimizer step, for both
+    assert len(readings) == alarm.steps_checked == 5
     scalars = read_scalars(trainer.logger.log_dir)
-    assert "grad_norm/total" in scalars and "alarm/nonfinite" in scalars
+    for step, reading in enumerate(readings):
+        assert reading.total_norm == pytest.approx(scalars["grad_norm/total"][step], rel=1e-6), step
+    # the first step's window holds one step: its median ratio is that step's deepest / shallowest norm
+    first, last = scalars["grad_norm/net.0"][0], scalars["grad_norm/net.6"][0]
+    assert readings[0].ratio == pytest.approx(last / first, rel=1e-5)
+    assert scalars["alarm/deep_shallow_ratio"][0] == pytest.approx(last / first, rel=1e-5)
+    assert scalars["alarm/nonfinite"] == dict.fromkeys(range(5), 0.0)
+
+
+def test_the_detector_settings_default_to_the_config():
+    params = inspect.signature(VanishExplodeAlarm).parameters
+    for f in dataclasses.fields(DetectorConfig):
+        assert params[f.name].default == f.default, f.name
+    alarm = VanishExplodeAlarm(patience=7, max_norm=100)
+    assert alarm.config == DetectorConfig(patience=7, max_norm=100)
+    assert alarm.detector_kwargs == dataclasses.asdict(alarm.config)
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimisation: ``first`` (optimizer 0) and ``second`` (optimizer 1), stepped one after the other.
+
+    At batch ``nan_batch`` a NaN is written into ``first``'s gradient only: optimizer 0's step
+    is non-finite, optimizer 1's gradients are clean.
+    """
+
+    def __init__(self, nan_batch: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 1)
+        self.nan_batch = nan_batch
+
+    def training_step(self, batch, batch_idx):
+        first_opt, second_opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self.second(torch.tanh(self.first(x))), y)
+        first_opt.zero_grad()
+        second_opt.zero_grad()
+        self.manual_backward(loss)
+        if batch_idx == self.nan_batch:
+            self.first.weight.grad[0, 0] = math.nan
+        first_opt.step()
+        second_opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)
+
+
+def test_after_a_halt_no_later_optimizer_of_the_batch_updates(tmp_path):
+    """The halt comes at optimizer 0's step; optimizer 1's clean step in the same batch must not apply."""
+    k = 3
+
+    class BatchStart(pl.Callback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.weights[batch_idx] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    alarm, start = VanishExplodeAlarm(), BatchStart()
+    model = TwoOptimizers(nan_batch=k)
+    with pytest.warns(UserWarning, match=f"nonfinite gradients at step {2 * k}"):
+        trainer = _fit(tmp_path, model, loader(), [alarm, start], max_steps=20, logger=False)
+    assert not torch.equal(start.weights[k]["second.weight"], start.weights[k - 1]["second.weight"])  # it learns
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p.detach(), start.weights[k][name]), f"{name} changed in the batch of the halt"
+    assert alarm.halted_at == 2 * k  # optimizer 0's step of batch k (each optimizer step counts)
+    assert alarm.steps_checked == 2 * k + 1 and alarm.skipped_steps == 1 and trainer.global_step == 2 * k + 2
 
 
 @pytest.mark.parametrize(

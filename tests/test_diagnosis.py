@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.diagnosis import HealthDetector, advise
+from lightning_gradguard.diagnosis import (
+    KINDS,
+    DetectorConfig,
+    DeviceReading,
+    Evidence,
+    HealthDetector,
+    Reading,
+    advise,
+    build_finding,
+)
 from lightning_gradguard.stats import GroupedStats, Grouping
 
 GROUPING = Grouping(names=("first", "last"), index=(0, 1), members=(("first.w",), ("last.w",)))
@@ -19,31 +28,35 @@ def _stats(first: float, last: float) -> GroupedStats:
     return GroupedStats(grouping=GROUPING, norms=norms, max_abs=norms.abs(), present=(True, True))
 
 
-def _flag(reading: torch.Tensor, detector: HealthDetector, name: str) -> bool:
-    return bool(reading[detector.index(name)] > 0)
+def _flag(reading: DeviceReading, name: str) -> bool:
+    return getattr(reading.to_host(), name)
+
+
+def _state(detector: HealthDetector) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v).nan_to_num(-1) for k, v in detector.state_dict().items()}
 
 
 def test_vanishing_needs_a_full_window_and_one_odd_step_neither_triggers_nor_resets():
     d = HealthDetector(patience=5, vanish_ratio=1e3)
     readings = [d.update(_stats(1e-6, 1.0)) for _ in range(4)]
-    assert not any(_flag(r, d, "vanishing") for r in readings)  # window not full yet
-    assert _flag(d.update(_stats(1e-6, 1.0)), d, "vanishing")
-    assert _flag(d.update(_stats(1.0, 1.0)), d, "vanishing")  # one healthy step: median still 1e6
+    assert not any(_flag(r, "vanishing") for r in readings)  # window not full yet
+    assert _flag(d.update(_stats(1e-6, 1.0)), "vanishing")
+    assert _flag(d.update(_stats(1.0, 1.0)), "vanishing")  # one healthy step: median still 1e6
     d2 = HealthDetector(patience=5, vanish_ratio=1e3)
     for _ in range(4):
         d2.update(_stats(1.0, 1.0))
-    assert not _flag(d2.update(_stats(1e-6, 1.0)), d2, "vanishing")  # one odd step: no alarm
+    assert not _flag(d2.update(_stats(1e-6, 1.0)), "vanishing")  # one odd step: no alarm
 
 
 def test_vanish_floor_is_relative_to_the_deep_layer():
     d = HealthDetector(patience=3, vanish_ratio=None, vanish_floor=1e-5)
     for _ in range(3):
         r = d.update(_stats(1e-7, 1e-7))  # small everywhere (converged): not vanishing
-    assert not _flag(r, d, "vanishing")
+    assert not _flag(r, "vanishing")
     d = HealthDetector(patience=3, vanish_ratio=None, vanish_floor=1e-5)
     for _ in range(3):
         r = d.update(_stats(1e-7, 1e-3))
-    assert _flag(r, d, "vanishing")
+    assert _flag(r, "vanishing")
 
 
 @pytest.mark.parametrize(("jump", "spike"), [(30.0, False), (60.0, True)])
@@ -52,50 +65,50 @@ def test_spike_needs_both_zscore_and_ratio(jump, spike):
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
         level = 1.0 + 0.01 * torch.rand((), generator=g).item()
-        assert not _flag(d.update(_stats(level, level)), d, "exploding")
+        assert not _flag(d.update(_stats(level, level)), "exploding")
     r = d.update(_stats(jump, jump))
-    assert _flag(r, d, "exploding") is spike
-    assert r[d.index("zscore")].item() > 8.0  # the z-score alone would have fired both times
+    assert _flag(r, "exploding") is spike
+    assert r.to_host().zscore > 8.0  # the z-score alone would have fired both times
 
 
 def test_spike_rule_waits_for_warmup_but_the_ceiling_does_not():
     d = HealthDetector(warmup_steps=20, max_norm=1e6)
-    assert not _flag(d.update(_stats(1.0, 1.0)), d, "exploding")
-    assert not _flag(d.update(_stats(1e5, 1e5)), d, "exploding")  # a spike, but not armed yet
-    assert _flag(d.update(_stats(1e7, 1e7)), d, "exploding")  # above the ceiling
+    assert not _flag(d.update(_stats(1.0, 1.0)), "exploding")
+    assert not _flag(d.update(_stats(1e5, 1e5)), "exploding")  # a spike, but not armed yet
+    assert _flag(d.update(_stats(1e7, 1e7)), "exploding")  # above the ceiling
 
 
 def test_nonfinite_steps_never_enter_the_statistics():
     d = HealthDetector(patience=3)
     for _ in range(5):
         d.update(_stats(1.0, 2.0))
-    before = {k: v.clone() for k, v in d._state.items()}
+    before = _state(d)
     r = d.update(_stats(math.nan, 2.0))
-    assert _flag(r, d, "nonfinite")
-    for key, value in d._state.items():
-        assert torch.equal(value.nan_to_num(-1), before[key].nan_to_num(-1)), key
+    assert _flag(r, "nonfinite")
+    for key, value in _state(d).items():
+        assert torch.equal(value, before[key]), key
     r = d.update(_stats(1.0, 2.0), loss_finite=torch.tensor(False))
-    assert _flag(r, d, "nonfinite")
+    assert _flag(r, "nonfinite")
 
 
 def test_fp16_overflow_becomes_nonfinite_only_when_it_persists():
     d = HealthDetector(max_consecutive_overflows=3, min_loss_scale=1.0)
     scale = torch.tensor(1024.0)
     flags = [d.update(_stats(math.inf, 1.0), scaler_active=True, loss_scale=scale) for _ in range(3)]
-    assert [_flag(r, d, "overflow") for r in flags] == [True, True, True]
-    assert [_flag(r, d, "nonfinite") for r in flags] == [False, False, True]
+    assert [_flag(r, "overflow") for r in flags] == [True, True, True]
+    assert [_flag(r, "nonfinite") for r in flags] == [False, False, True]
     d = HealthDetector(max_consecutive_overflows=100, min_loss_scale=1.0)
     r = d.update(_stats(math.inf, 1.0), scaler_active=True, loss_scale=torch.tensor(0.5))
-    assert _flag(r, d, "nonfinite")  # the scale collapsed
+    assert _flag(r, "nonfinite")  # the scale collapsed
 
 
 def test_dead_needs_an_exact_zero_for_dead_patience_steps():
     d = HealthDetector(dead_patience=3, vanish_ratio=None)
     for _ in range(2):
-        assert not _flag(d.update(_stats(0.0, 1.0)), d, "dead")
-    assert _flag(d.update(_stats(0.0, 1.0)), d, "dead")
+        assert not _flag(d.update(_stats(0.0, 1.0)), "dead")
+    assert _flag(d.update(_stats(0.0, 1.0)), "dead")
     assert d.dead_groups().tolist() == [True, False]
-    assert not _flag(d.update(_stats(1e-30, 1.0)), d, "dead")  # tiny is not zero: the run resets
+    assert not _flag(d.update(_stats(1e-30, 1.0)), "dead")  # tiny is not zero: the run resets
 
 
 def test_state_dict_round_trip():
@@ -105,7 +118,124 @@ def test_state_dict_round_trip():
     fresh = HealthDetector(patience=4)
     fresh.load_state_dict(d.state_dict())
     a, b = d.update(_stats(3.0, 2.0)), fresh.update(_stats(3.0, 2.0))
-    assert torch.allclose(a.nan_to_num(0), b.nan_to_num(0))
+    assert _values(a.to_host()) == _values(b.to_host())
+
+
+def _values(reading: Reading) -> list[float]:
+    return [-1.0 if math.isnan(v) else v for v in reading.as_dict().values()]
+
+
+def test_a_checkpoint_in_the_saved_format_loads():
+    """The format of the checkpoints written so far: a dict of name -> number or list, in this order."""
+    saved = {
+        "count": 6.0,
+        "mean": 0.5,
+        "var": 0.0625,
+        "vanish_seen": 6.0,
+        "shallow_ring": [0.0, 0.25, 0.5, 0.75],  # float32-exact values: the copy back is exact
+        "deep_ring": [1.5, 1.5, 1.5, 1.5],
+        "overflow_run": 0.0,
+        "dead_run": [2.0, 0.0],
+    }
+    d = HealthDetector(patience=4, dead_patience=3, warmup_steps=6)
+    d.load_state_dict(saved)
+    assert d.state_dict() == saved  # kept as loaded until the next update
+    reading = d.update(_stats(0.0, 2.0)).to_host()
+    assert reading.dead  # the restored run of 2 all-zero steps went on to 3
+    assert math.isfinite(reading.zscore)  # 6 restored finite steps armed the spike rule
+    after = d.state_dict()
+    assert list(after) == list(saved)
+    assert after["count"] == 7.0 and after["vanish_seen"] == 7.0 and after["dead_run"] == [3.0, 0.0]
+    assert after["shallow_ring"][2] == pytest.approx(math.log(1e-38))  # slot 6 % 4 was written
+
+
+def test_a_saved_state_of_another_shape_starts_afresh_where_it_does_not_fit():
+    d = HealthDetector(patience=4)
+    d.load_state_dict({"count": 3.0, "mean": 1.0, "var": 0.5, "dead_run": [1.0, 1.0, 1.0]})  # three groups
+    d.update(_stats(1.0, 1.0))
+    state = d.state_dict()
+    assert state["count"] == 4.0 and state["dead_run"] == [0.0, 0.0]
+
+
+def test_reading_comes_to_the_host_in_one_transfer(monkeypatch):
+    d = HealthDetector(patience=2)
+    reading = d.update(_stats(1.0, 2.0))
+    assert all(isinstance(getattr(reading, k), torch.Tensor) and getattr(reading, k).dim() == 0 for k in KINDS)
+    calls = []
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append("tolist") or tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or item(t))
+    host = reading.to_host()
+    assert calls == ["tolist"]
+    assert host.active == () and host.total_norm == pytest.approx(math.sqrt(5.0)) and host.loss_scale == 1.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"max_norm": -1.0}, r"`max_norm` must be a finite number > 0 or None, got -1.0"),
+        ({"spike_zscore": 0}, r"`spike_zscore` must be a finite number > 0 or None"),
+        ({"spike_min_ratio": math.nan}, r"`spike_min_ratio` must be a finite number > 0 or None"),
+        ({"ema_alpha": 1.0}, r"`ema_alpha` must be a finite number in \(0, 1\), got 1.0"),
+        ({"ema_alpha": True}, r"`ema_alpha`"),
+        ({"warmup_steps": -1}, r"`warmup_steps` must be an integer in \[0, 1000000000\], got -1"),
+        ({"warmup_steps": 2.0}, r"`warmup_steps` must be an integer in \[0, 1000000000\]"),
+        ({"vanish_ratio": 0.5}, r"`vanish_ratio` must be a finite number > 1 or None, got 0.5"),
+        ({"vanish_ratio": 1}, r"`vanish_ratio` must be a finite number > 1"),
+        ({"vanish_floor": math.inf}, r"`vanish_floor` must be a finite number > 0 or None"),
+        ({"patience": 0}, r"`patience` must be an integer in \[1, 1000000\], got 0"),
+        ({"dead_patience": 1.5}, r"`dead_patience` must be an integer in \[1, 1000000000\]"),
+        ({"max_consecutive_overflows": 0}, r"`max_consecutive_overflows` must be an integer in \[1, 1000000000\]"),
+        ({"min_loss_scale": None}, r"`min_loss_scale` must be a finite number > 0, got None"),
+    ],
+)
+def test_every_setting_is_checked_by_the_config_and_the_detector(settings, match):
+    with pytest.raises(ValueError, match=match):
+        DetectorConfig(**settings)
+    with pytest.raises(ValueError, match=match):
+        HealthDetector(**settings)
+
+
+def test_config_keeps_numbers_as_floats_and_detector_takes_one_or_the_other():
+    config = DetectorConfig(max_norm=100, ema_alpha=1 / 2, min_loss_scale=2)
+    assert config == DetectorConfig(max_norm=100.0, ema_alpha=0.5, min_loss_scale=2.0)  # one state key for both
+    assert all(isinstance(v, float) for v in (config.max_norm, config.ema_alpha, config.min_loss_scale))
+    assert isinstance(config.patience, int)
+    with pytest.raises(ValueError, match=r"`max_norm` must fit float32"):
+        DetectorConfig(max_norm=1e39)  # would be inf in the float32 state
+    with pytest.raises(ValueError, match=r"`patience` must be an integer in \[1, 1000000\], got 10000000"):
+        DetectorConfig(patience=10**7)  # sizes a device buffer
+    assert HealthDetector(config).config is config
+    assert HealthDetector(patience=3).config == DetectorConfig(patience=3)
+    with pytest.raises(TypeError, match="not both"):
+        HealthDetector(config, patience=3)
+
+
+def _evidence(detector: HealthDetector, stats: GroupedStats, **kwargs) -> Evidence:
+    reading = detector.update(stats, **kwargs).to_host()
+    return Evidence.collect(detector, stats, reading, scaler_active=kwargs.get("scaler_active", False))
+
+
+def test_each_kind_has_its_finding():
+    d = HealthDetector(max_norm=10.0, dead_patience=1, max_consecutive_overflows=2, vanish_ratio=1e3, patience=1)
+    boom = build_finding("exploding", 0, _evidence(d, _stats(30.0, 40.0)))
+    assert boom.summary == "total norm 50, above the ceiling max_norm=10" and boom.zscore is None
+    assert [name for name, _ in boom.layers] == ["last", "first"]  # largest first
+    low = build_finding("vanishing", 1, _evidence(d, _stats(1e-6, 1.0)))
+    assert low.layers == [("first", pytest.approx(1e-6))] and low.ratio == pytest.approx(1e6, rel=1e-4)
+    dead = build_finding("dead", 2, _evidence(d, _stats(0.0, 1.0)))
+    assert dead.layers == [("first", 0.0)] and "for 1 steps in a row" in dead.summary
+    scale = torch.tensor(8.0)
+    evidence = _evidence(d, _stats(math.inf, 1.0), scaler_active=True, loss_scale=scale)
+    overflow = build_finding("overflow", 3, evidence)
+    assert overflow.layers == [("first", math.inf)] and "loss scale 8" in overflow.summary
+    evidence = _evidence(d, _stats(math.inf, 1.0), scaler_active=True, loss_scale=scale)
+    assert evidence.reading.nonfinite and evidence.overflow_run == 2
+    nan = build_finding("nonfinite", 4, evidence)
+    assert "after 2 fp16 overflow steps in a row (loss scale 8)" in nan.summary
+    assert any("bf16" in a for a in nan.advice)
+    with pytest.raises(ValueError, match="kind"):
+        build_finding("sideways", 5, evidence)
 
 
 def test_advice_fits_the_model():
