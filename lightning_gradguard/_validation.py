@@ -23,9 +23,17 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["boolean", "choice", "grouping", "integer", "number", "path", "patterns"]
+__all__ = ["boolean", "choice", "grouping", "integer", "number", "path", "patterns", "regex"]
 
 T = TypeVar("T")
+
+
+#: the largest finite float32: thresholds and statistics live in float32 tensors
+FLOAT32_MAX = 3.4028234663852886e38
+#: the default upper bound of a count (steps, a window): larger is refused, not allocated
+MAX_COUNT = 10**9
+#: the upper bound of a count that sizes a buffer (a window of steps kept on the device)
+MAX_WINDOW = 10**6
 
 
 def number(
@@ -40,6 +48,9 @@ def number(
 ) -> float | None:
     """A finite real number within the bounds (``None`` where allowed), returned as ``float``.
 
+    Numbers beyond float32's range (``|x| > 3.4e38``, e.g. ``1e308`` or ``10**400``) are
+    refused: every threshold ends up in a float32 tensor.
+
     Args:
         name: the argument's name, quoted in the message.
         value: what was given.
@@ -49,24 +60,27 @@ def number(
     """
     if value is None and allow_none:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    as_float = _as_float(value)
+    ok = as_float is not None and math.isfinite(as_float)
     if ok and low is not None:
-        ok = value >= low if low_inclusive else value > low
+        ok = as_float >= low if low_inclusive else as_float > low
     if ok and high is not None:
-        ok = value <= high if high_inclusive else value < high
+        ok = as_float <= high if high_inclusive else as_float < high
     if not ok:
         allowed = _describe("a finite number", low, high, low_inclusive, high_inclusive, allow_none)
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-    return float(value)
+        raise ValueError(f"`{name}` must be {allowed}, got {_show(value)}.")
+    if abs(as_float) > FLOAT32_MAX:
+        raise ValueError(f"`{name}` must fit float32 (|x| <= {FLOAT32_MAX:.3g}), got {_show(value)}.")
+    return as_float
 
 
-def integer(name: str, value: Any, *, low: int = 1, allow_none: bool = False) -> int | None:
-    """An ``int`` (not a bool) >= ``low`` (``None`` where allowed)."""
+def integer(name: str, value: Any, *, low: int = 1, high: int = MAX_COUNT, allow_none: bool = False) -> int | None:
+    """An ``int`` (not a bool) in ``[low, high]`` (``None`` where allowed)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(
-            f"`{name}` must be {_describe('an integer', low, None, True, True, allow_none)}, got {value!r}."
+            f"`{name}` must be {_describe('an integer', low, high, True, True, allow_none)}, got {_show(value)}."
         )
     return value
 
@@ -102,15 +116,23 @@ def patterns(name: str, value: Any) -> list[re.Pattern[str]]:
         return []
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"`{name}` must be a list of regular expressions or None, got {value!r}.")
-    out = []
-    for pattern in value:
-        if not isinstance(pattern, str):
-            raise ValueError(f"`{name}` entries must be strings (regular expressions), got {pattern!r}.")
-        try:
-            out.append(re.compile(pattern))
-        except re.error as err:
-            raise ValueError(f"`{name}` entry {pattern!r} is not a valid regular expression: {err}") from None
-    return out
+    return [regex(name, pattern, entry=f"entry {i}") for i, pattern in enumerate(value)]
+
+
+def regex(name: str, value: Any, *, entry: str = "") -> re.Pattern[str]:
+    """A regular expression over text: a ``str`` or a compiled ``str`` pattern (not bytes).
+
+    ``entry`` says which part of the argument ``value`` is (``"entry 2"``), for the message.
+    """
+    what = f"`{name}` {entry}".rstrip()
+    if isinstance(value, re.Pattern) and isinstance(value.pattern, str):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a regular expression given as a string, got {value!r}.")
+    try:
+        return re.compile(value)
+    except re.error as err:
+        raise ValueError(f"{what} must be a valid regular expression, got {value!r}: {err}") from None
 
 
 #: Allowed values of ``group_by``.
@@ -152,15 +174,26 @@ def grouping(
                     f"`group_patterns` keys must be non-empty strings other than {sorted(RESERVED_GROUP_NAMES)}, "
                     f"got {label!r}."
                 )
-            try:
-                compiled.append((label, re.compile(pattern)))
-            except (re.error, TypeError) as err:
-                raise ValueError(
-                    f"`group_patterns[{label!r}]` must be a valid regular expression, got {pattern!r}: {err}"
-                ) from None
+            compiled.append((label, regex("group_patterns", pattern, entry=f"entry {label!r}")))
     elif group_patterns is not None:
         raise ValueError(f"`group_patterns` is only used with `group_by='pattern'`, got group_by={group_by!r}.")
     return group_by, group_depth, (dict(group_patterns) if group_patterns is not None else None), compiled
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (not a bool) that fits one, else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64's range
+        return None
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, shortened for huge ints (``10**400`` has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:25]}...{text[-10:]} ({len(text)} characters)"
 
 
 def _describe(

@@ -262,7 +262,7 @@ def test_no_logger_warns(tmp_path):
         ({"group_by": "depth"}, "group_depth"),
         ({"group_depth": 2}, "group_depth"),
         ({"group_by": "pattern"}, "group_patterns"),
-        ({"group_by": "pattern", "group_patterns": {"x": "("}}, r"group_patterns\['x'\]"),
+        ({"group_by": "pattern", "group_patterns": {"x": "("}}, r"`group_patterns` entry 'x'"),
         ({"histogram_every_n_steps": -1}, "histogram_every_n_steps"),
         ({"per_layer": "yes"}, "per_layer"),
     ],

@@ -189,20 +189,13 @@ class AmpUnscaleCheck(GradGuardCallback):
         super().__init__(
             log_every_n_steps=log_every_n_steps, layers=Layers.checked(group_by, group_depth, group_patterns)
         )
-        _validation.number("min_loss_scale", min_loss_scale, low=0.0)
-        _validation.number("max_skip_rate", max_skip_rate, low=0.0, high=1.0)
-        _validation.integer("skip_rate_window", skip_rate_window)
-        _validation.integer("max_consecutive_overflows", max_consecutive_overflows)
-        _validation.boolean("track_underflow", track_underflow)
-        _validation.number("underflow_rise", underflow_rise, low=0.0, high=1.0)
-        _validation.boolean("fix_scaled_clipping", fix_scaled_clipping)
-        self.min_loss_scale = float(min_loss_scale)
-        self.max_skip_rate = float(max_skip_rate)
-        self.skip_rate_window = skip_rate_window
-        self.max_consecutive_overflows = max_consecutive_overflows
-        self.track_underflow = track_underflow
-        self.underflow_rise = float(underflow_rise)
-        self.fix_scaled_clipping = fix_scaled_clipping
+        self.min_loss_scale = _validation.number("min_loss_scale", min_loss_scale, low=0.0)
+        self.max_skip_rate = _validation.number("max_skip_rate", max_skip_rate, low=0.0, high=1.0)
+        self.skip_rate_window = _validation.integer("skip_rate_window", skip_rate_window, high=_validation.MAX_WINDOW)
+        self.max_consecutive_overflows = _validation.integer("max_consecutive_overflows", max_consecutive_overflows)
+        self.track_underflow = _validation.boolean("track_underflow", track_underflow)
+        self.underflow_rise = _validation.number("underflow_rise", underflow_rise, low=0.0, high=1.0)
+        self.fix_scaled_clipping = _validation.boolean("fix_scaled_clipping", fix_scaled_clipping)
 
         self.active = False
         self.scaled_optimizers: list[str] = []  # optimizers seen with scaled gradients at the step
@@ -212,6 +205,24 @@ class AmpUnscaleCheck(GradGuardCallback):
         self._restore_clip: Any = None
         self._overflows: _Overflows | None = None
         self._zero_baseline: dict[str, tuple[float, float]] = {}  # group -> (lowest zero fraction, scale then)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Every setting, so that two checks that differ in anything fit in one checkpoint."""
+        return self._generate_state_key(
+            log_every_n_steps=self.log_every_n_steps,
+            min_loss_scale=self.min_loss_scale,
+            max_skip_rate=self.max_skip_rate,
+            skip_rate_window=self.skip_rate_window,
+            max_consecutive_overflows=self.max_consecutive_overflows,
+            track_underflow=self.track_underflow,
+            underflow_rise=self.underflow_rise,
+            fix_scaled_clipping=self.fix_scaled_clipping,
+            group_by=self.group_by,
+            group_depth=self.group_depth,
+            group_patterns=self.group_patterns,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

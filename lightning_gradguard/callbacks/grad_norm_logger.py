@@ -94,6 +94,7 @@ class GradientNormLogger(GradGuardCallback):
             logging steps only).
         histogram_every_n_steps: write gradient histograms every this many steps to
             TensorBoard loggers (``None``: never). Costs a host copy of the gradients.
+            Non-finite values (an overflowed fp16 step) are left out of the histogram.
         custom_scalars: write the TensorBoard custom-scalars layout at the start of ``fit``.
 
     Raises:
@@ -290,6 +291,9 @@ class GradientNormLogger(GradGuardCallback):
             if inv is not None:
                 values = values * inv
             values = values.cpu()
+            values = values[values.isfinite()]  # an overflowed fp16 step: the histogram shows the finite part
+            if not values.numel():
+                continue
             for writer in writers:
                 writer.add_histogram(f"grad_hist/{opt_seg}{name}", values, step)
 

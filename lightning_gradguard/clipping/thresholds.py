@@ -113,14 +113,12 @@ class LearnedThreshold:
         min_norm: float | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        _validation.integer("warmup_steps", warmup_steps, low=0)
-        for name, bound in (("warmup_max_norm", warmup_max_norm), ("max_norm", max_norm), ("min_norm", min_norm)):
-            _validation.number(name, bound, low=0.0, allow_none=True)
-        check_norm_bounds(min_norm, max_norm)
-        self.warmup_steps = warmup_steps
-        self.warmup_max_norm = warmup_max_norm
-        self.max_norm = max_norm
-        self.min_norm = min_norm
+        # warmup_steps sizes ZScoreThreshold's buffer of first norms
+        self.warmup_steps = _validation.integer("warmup_steps", warmup_steps, low=0, high=_validation.MAX_WINDOW)
+        self.warmup_max_norm = _validation.number("warmup_max_norm", warmup_max_norm, low=0.0, allow_none=True)
+        self.max_norm = _validation.number("max_norm", max_norm, low=0.0, allow_none=True)
+        self.min_norm = _validation.number("min_norm", min_norm, low=0.0, allow_none=True)
+        check_norm_bounds(self.min_norm, self.max_norm)
         device = torch.device(device) if device is not None else torch.device("cpu")
         #: number of norms observed so far (int64, 0-dim)
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
@@ -246,7 +244,7 @@ class PercentileThreshold(LearnedThreshold):
         **bounds: Unpack[Bounds],
     ) -> None:
         _validation.number("percentile", percentile, low=0.0, high=100.0)
-        _validation.integer("window", window)
+        _validation.integer("window", window, high=_validation.MAX_WINDOW)
         super().__init__(**bounds)
         self.percentile = float(percentile)
         self.window = window
