@@ -238,3 +238,16 @@ def log_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
         writer.add_summary(
             Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]), step
         )
+
+
+def log_text(trainer: pl.Trainer, tag: str, markdown: str, step: int) -> None:
+    """Write ``markdown`` to the Text tab of every ``TensorBoardLogger`` of the trainer, on rank zero.
+
+    Other loggers have no common text API; callbacks keep what they write as attributes
+    (e.g. ``VanishExplodeAlarm.findings``) for them.
+    """
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if _lightning.tensorboard_writer(logger) is not None:
+            logger.experiment.add_text(tag, markdown, global_step=step)
