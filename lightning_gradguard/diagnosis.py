@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard import _validation
-from lightning_gradguard.stats import GroupedStats, HostStats
+from lightning_gradguard.stats import GroupedStats, HostStats, UnitStats
 
 __all__ = [
     "KINDS",
@@ -84,6 +85,8 @@ class Finding:
         total_norm: the total gradient norm at that step.
         ratio: deepest / shallowest layer gradient norm (vanishing), if known.
         zscore: z-score of log(total norm) against the run's history (exploding), if known.
+        toward_input: an explosion that grows layer by layer toward the input (a depth problem).
+        units: dead units: per layer, ``(name, share of its units, number of units)``.
         advice: remedies that fit this model.
         dump_path: where the crash dump was written, if one was.
         dump_batch: which batch the crash dump holds (e.g. ``"batch_idx 6, the first
@@ -97,6 +100,8 @@ class Finding:
     total_norm: float = math.nan
     ratio: float | None = None
     zscore: float | None = None
+    toward_input: bool = False
+    units: list[tuple[str, float, int]] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
     dump_path: str | None = None
     dump_batch: str | None = None
@@ -104,7 +109,10 @@ class Finding:
     def message(self) -> str:
         """A multi-line, human-readable report."""
         lines = [f"[gradguard] {self.kind} gradients at step {self.step}: {self.summary}"]
-        if self.layers:
+        if self.units:
+            shown = ", ".join(f"{name} ({share:.0%} of {count} units)" for name, share, count in self.units[:6])
+            lines.append(f"  layers: {shown}")
+        elif self.layers:
             shown = ", ".join(f"{name} ({norm:.3g})" for name, norm in self.layers[:6])
             more = f" and {len(self.layers) - 6} more" if len(self.layers) > 6 else ""
             lines.append(f"  layers: {shown}{more}")
@@ -116,8 +124,47 @@ class Finding:
             lines.append(f"  crash dump: {self.dump_path}{held}")
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """The finding as markdown (TensorBoard's Text tab, a pull request, a bug report).
+
+        Example:
+            >>> print(Finding("dead", 7, "1 layer(s) ...", layers=[("fc1", 0.0)], advice=["try X"]).markdown())
+            **dead** gradients at step 7: 1 layer(s) ...
+            <BLANKLINE>
+            | layer (input side first) | gradient norm |
+            |---|---|
+            | `fc1` | 0 |
+            <BLANKLINE>
+            **Try:**
+            <BLANKLINE>
+            - try X
+        """
+        lines = [f"**{self.kind}** gradients at step {self.step}: {_md(self.summary)}", ""]
+        if self.units:
+            lines += ["| layer (input side first) | dead units |", "|---|---|"]
+            lines += [f"| `{name}` | {share:.0%} of {count} |" for name, share, count in self.units]
+            lines.append("")
+        elif self.layers:
+            lines += ["| layer (input side first) | gradient norm |", "|---|---|"]
+            lines += [f"| `{name}` | {norm:.3g} |" for name, norm in self.layers[:20]]
+            if len(self.layers) > 20:
+                lines.append(f"| ... and {len(self.layers) - 20} more | |")
+            lines.append("")
+        if self.advice:
+            lines += ["**Try:**", ""]
+            lines += [f"- {_md(a)}" for a in self.advice]
+        if self.dump_path:
+            held = f" (holds {self.dump_batch})" if self.dump_batch else ""
+            lines += ["", f"Crash dump: `{self.dump_path}`{_md(held)}"]
+        return "\n".join(lines).rstrip()
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _md(text: str) -> str:
+    """``text`` with the characters markdown would misread escaped (``*``, ``_``, ``|``)."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
 
 
 # --------------------------------------------------------------------------------------
@@ -139,13 +186,19 @@ class DetectorConfig:
         spike_zscore: z-score of log-norm that counts as a spike (``None``: no spike rule).
         spike_min_ratio: a spike must also be this many times the moving level (``None``:
             no such guard).
+        growth_total: geometric growth that counts as exploding: the total norm grew by
+            this factor over consecutive growing steps (two at least) (``None``: off).
+        growth_step: a step counts as growing when the total norm is at least this many
+            times the previous finite step's, > 1.
         ema_alpha: weight of the newest step in the moving mean/variance, in (0, 1).
         warmup_steps: finite steps before the spike rule is armed.
         vanish_ratio: median deepest/shallowest norm ratio that counts as vanishing, > 1
             (``None``: off).
         vanish_floor: absolute floor for the shallowest layer's median norm (``None``: off).
         patience: the window, in finite steps, of the vanishing medians.
-        dead_patience: consecutive all-zero steps that make a layer dead.
+        dead_patience: consecutive all-zero steps that make a layer, or a unit, dead.
+        dead_unit_share: share of a layer's units (rows of a Linear/Conv weight) dead at
+            once that counts as ``dead`` (``None``: units not watched).
         max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
         min_loss_scale: fp16 loss scale below which overflow counts as a failure.
 
@@ -162,12 +215,15 @@ class DetectorConfig:
     max_norm: float | None = 1e6
     spike_zscore: float | None = 8.0
     spike_min_ratio: float | None = 50.0
+    growth_total: float | None = 1e3
+    growth_step: float = 2.0
     ema_alpha: float = 0.05
     warmup_steps: int = 20
     vanish_ratio: float | None = 1e3
     vanish_floor: float | None = None
     patience: int = 20
     dead_patience: int = 10
+    dead_unit_share: float | None = 0.5
     max_consecutive_overflows: int = 20
     min_loss_scale: float = 1.0
 
@@ -182,15 +238,22 @@ _SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_norm": _positive_or_none,
     "spike_zscore": _positive_or_none,
     "spike_min_ratio": _positive_or_none,
+    "growth_total": partial(_validation.number, low=1, allow_none=True),
+    "growth_step": partial(_validation.number, low=1),
     "ema_alpha": partial(_validation.number, low=0, high=1, high_inclusive=False),
     "warmup_steps": partial(_validation.integer, low=0),
     "vanish_ratio": partial(_validation.number, low=1, allow_none=True),  # deepest / shallowest norm
     "vanish_floor": _positive_or_none,
     "patience": partial(_validation.integer, high=_validation.MAX_WINDOW),  # sizes the median window
     "dead_patience": _validation.integer,
+    "dead_unit_share": partial(_validation.number, low=0, high=1, high_inclusive=True, allow_none=True),
     "max_consecutive_overflows": _validation.integer,
     "min_loss_scale": partial(_validation.number, low=0),
 }
+
+
+#: The state that does not depend on the layers: kept when the layers or their order change.
+_RUN_SCALARS = ("count", "mean", "var", "overflow_run", "prev_log", "grow_log", "grow_len")
 
 
 @dataclass
@@ -205,6 +268,10 @@ class DetectorState:
             last ``patience`` finite steps (NaN where not written yet).
         overflow_run: fp16 overflow steps in a row.
         dead_run: per group, all-zero steps in a row.
+        prev_log: log(total norm) at the last finite step (NaN before the first).
+        grow_log, grow_len: log-growth and length of the current run of growing steps.
+        group_base: per group, the log-norm at the last finite step before that run.
+        unit_run: per watched unit, steps in a row whose gradient row was exactly zero.
     """
 
     count: Tensor
@@ -215,10 +282,20 @@ class DetectorState:
     deep_ring: Tensor
     overflow_run: Tensor
     dead_run: Tensor
+    prev_log: Tensor
+    grow_log: Tensor
+    grow_len: Tensor
+    group_base: Tensor
+    unit_run: Tensor
 
     @classmethod
     def fresh(
-        cls, patience: int, num_groups: int, device: torch.device, keep: Mapping[str, Tensor] | None = None
+        cls,
+        patience: int,
+        num_groups: int,
+        device: torch.device,
+        keep: Mapping[str, Tensor] | None = None,
+        num_units: int = 0,
     ) -> DetectorState:
         """A new state; the tensors of ``keep`` (a checkpoint, an older state) whose shape fits are taken over."""
         scalars = ("count", "mean", "var", "vanish_seen", "overflow_run")
@@ -226,6 +303,11 @@ class DetectorState:
         for ring in ("shallow_ring", "deep_ring"):
             values[ring] = torch.full((patience,), math.nan, dtype=torch.float32, device=device)
         values["dead_run"] = torch.zeros(num_groups, dtype=torch.float32, device=device)
+        values["prev_log"] = torch.full((), math.nan, dtype=torch.float32, device=device)
+        values["grow_log"] = torch.zeros((), dtype=torch.float32, device=device)
+        values["grow_len"] = torch.zeros((), dtype=torch.float32, device=device)
+        values["group_base"] = torch.full((num_groups,), math.nan, dtype=torch.float32, device=device)
+        values["unit_run"] = torch.zeros(num_units, dtype=torch.float32, device=device)
         for name, value in (keep or {}).items():
             if name in values and value.shape == values[name].shape:
                 values[name] = value.to(device)
@@ -330,8 +412,14 @@ class HealthDetector:
       layer's norm over the shallowest's is above ``vanish_ratio`` (or, if
       ``vanish_floor`` is set, the shallowest's median norm is below it while the
       deepest's is not). Shallowest and deepest are the first and last groups that have a
-      gradient, in registration order. A median over a window, rather than a run of
+      gradient, in the order the layers run (``Grouping.names``: the forward pass when it
+      was traced, else registration order). A median over a window, rather than a run of
       consecutive steps, lets one odd step neither trigger nor reset it.
+    - **exploding** also: geometric growth, when the total norm grew at least
+      ``growth_step``-fold on each of two or more consecutive finite steps and
+      ``growth_total``-fold over them (×10 then ×100: flagged at the second step, before
+      the norm reaches the ceiling or a non-finite value; armed from the second step, no
+      warm-up needed).
     - **dead**: a group that has gradients, all exactly zero, for ``dead_patience``
       consecutive finite steps (max |g| is exact, so float32 underflow of a norm cannot
       fake it).
@@ -355,17 +443,23 @@ class HealthDetector:
         self._state: DetectorState | None = None
         self._restored: dict[str, Tensor] = {}  # a checkpoint's tensors, taken over at the next update
         self._present_cache: dict[tuple[tuple[bool, ...], torch.device], Tensor] = {}
+        self._names: tuple[str, ...] | None = None  # the layers the per-layer state refers to
 
     # -------------------------------------------------------------- state
 
-    def _ensure_state(self, num_groups: int, device: torch.device) -> DetectorState:
+    def _ensure_state(self, names: tuple[str, ...], num_units: int, device: torch.device) -> DetectorState:
         st = self._state
-        if st is None or st.dead_run.numel() != num_groups:
+        changed = self._names is not None and self._names != names
+        if st is None or st.dead_run.numel() != len(names) or st.unit_run.numel() != num_units or changed:
             keep = st.tensors() if st is not None else self._restored  # what still fits is kept
-            self._state = st = DetectorState.fresh(self.config.patience, num_groups, device, keep)
+            if st is not None and self._names is not None and self._names != names:
+                # the layers changed (or their order did): per-layer history no longer applies
+                keep = {k: v for k, v in keep.items() if k in _RUN_SCALARS}
+            self._state = st = DetectorState.fresh(self.config.patience, len(names), device, keep, num_units)
             self._restored = {}
         elif st.count.device != device:
             self._state = st = st.to(device)
+        self._names = names
         return st
 
     def state_dict(self) -> dict[str, list[float] | float]:
@@ -377,6 +471,11 @@ class HealthDetector:
         """Restore :meth:`state_dict`'s numbers; they take effect at the next :meth:`update`."""
         self._restored = {name: torch.tensor(value, dtype=torch.float32) for name, value in state.items()}
         self._state = None
+
+    def dead_unit_shares(self) -> Tensor:
+        """Per group, the share of its watched units dead for ``dead_patience`` steps (device float)."""
+        shares = getattr(self, "_unit_shares", None)
+        return shares if shares is not None else torch.zeros(0)
 
     def dead_groups(self) -> Tensor:
         """Per group, whether it has been all-zero for ``dead_patience`` steps (device bool)."""
@@ -397,6 +496,7 @@ class HealthDetector:
         loss_finite: Tensor | None = None,
         scaler_active: bool = False,
         loss_scale: Tensor | None = None,
+        units: UnitStats | None = None,
     ) -> DeviceReading:
         """Check one step's statistics and advance the running state; no host sync.
 
@@ -405,17 +505,21 @@ class HealthDetector:
             loss_finite: 0-dim device bool, whether every micro-batch loss was finite.
             scaler_active: an enabled fp16 ``GradScaler`` will skip non-finite steps.
             loss_scale: the scaler's current scale (device tensor), if any.
+            units: the step's unit activity, for dead units (``None``: not watched).
         """
         device = stats.norms.device
-        st = self._ensure_state(len(stats.norms), device)
+        if self.config.dead_unit_share is None:
+            units = None
+        st = self._ensure_state(stats.grouping.names, len(units.zero) if units is not None else 0, device)
         finite = torch.isfinite(stats.max_abs).all()
         if loss_finite is not None:
             finite = finite & loss_finite.to(device)
         total = stats.total_norm
         nonfinite, overflow, scale = self._nonfinite(st, finite, scaler_active, loss_scale)
         exploding, zscore = self._exploding(st, total, finite)
+        exploding = exploding | self._growing(st, stats, total, finite)
         vanishing, ratio = self._vanishing(st, stats, finite)
-        dead = self._dead(st, stats, finite)
+        dead = self._dead(st, stats, finite) | self._dead_units(st, stats, units, finite)
         return DeviceReading(
             nonfinite=nonfinite,
             exploding=exploding,
@@ -458,6 +562,36 @@ class HealthDetector:
             exploding = exploding | (total > cfg.max_norm)
         self._learn_level(st, log_total, std, armed, finite)
         return exploding & finite, torch.where(armed, z, torch.full_like(z, math.nan))
+
+    def _growing(self, st: DetectorState, stats: GroupedStats, total: Tensor, finite: Tensor) -> Tensor:
+        """Geometric growth: ``growth_step``-fold or more on consecutive steps, ``growth_total``-fold in all.
+
+        Also keeps, per group, the log-norm before the current run of growing steps, so that
+        a finding can name the layers that grew (:meth:`layer_growth`).
+        """
+        cfg = self.config
+        log_total = torch.log(total.clamp_min(1e-38))
+        log_groups = torch.log(stats.norms.clamp_min(1e-38))
+        growing = finite & (log_total - st.prev_log >= math.log(cfg.growth_step))  # NaN before the first step
+        self._layer_growth = log_groups - st.group_base
+        st.grow_log = torch.where(
+            growing, st.grow_log + (log_total - st.prev_log), torch.where(finite, 0.0, st.grow_log)
+        )
+        st.grow_len = torch.where(growing, st.grow_len + 1, torch.where(finite, 0.0, st.grow_len))
+        st.group_base = torch.where(finite & ~growing, log_groups, st.group_base)
+        st.prev_log = torch.where(finite, log_total, st.prev_log)
+        if cfg.growth_total is None:
+            return torch.zeros_like(finite)
+        return (st.grow_len >= 2) & (st.grow_log >= math.log(cfg.growth_total))
+
+    def growth(self) -> Tensor:
+        """Log of the total norm's growth over the current run of growing steps (0-dim device tensor)."""
+        return self._state.grow_log if self._state is not None else torch.zeros(())
+
+    def layer_growth(self) -> Tensor:
+        """Per group, log of its norm at the last update over its norm before the run of growing steps (device)."""
+        growth = getattr(self, "_layer_growth", None)
+        return growth if growth is not None else torch.zeros(0)
 
     def _learn_level(self, st: DetectorState, log_total: Tensor, std: Tensor, armed: Tensor, finite: Tensor) -> None:
         """Move the log-norm mean/variance with finite steps only, a spike capped at mean + ``spike_zscore`` std."""
@@ -507,6 +641,31 @@ class HealthDetector:
         dead_run = torch.where(zero_now, st.dead_run + 1, torch.zeros_like(st.dead_run))
         st.dead_run = torch.where(finite, dead_run, st.dead_run)
         return (st.dead_run >= self.config.dead_patience).any()
+
+    def _dead_units(self, st: DetectorState, stats: GroupedStats, units: UnitStats | None, finite: Tensor) -> Tensor:
+        """Whether some layer has ``dead_unit_share`` of its units zero for ``dead_patience`` finite steps in a row.
+
+        A unit's run grows on a step where its row is zero while its weight's gradient is
+        not, resets when its row is non-zero, and holds on steps that tell nothing (no
+        gradient, a whole-zero weight gradient, a non-finite step).
+        """
+        self._unit_shares = None
+        share = self.config.dead_unit_share
+        if units is None or share is None or not len(units.zero):
+            return torch.zeros_like(finite)
+        device = finite.device
+        run = torch.where(units.zero, st.unit_run + 1, torch.where(units.nonzero, 0.0, st.unit_run))
+        st.unit_run = torch.where(finite, run, st.unit_run)
+        dead = (st.unit_run >= self.config.dead_patience).float()
+        key = ("per_group", units.per_group, device)
+        per_group = self._present_cache.get(key)  # type: ignore[call-overload]
+        if per_group is None:
+            per_group = self._present_cache[key] = torch.tensor(  # type: ignore[index]
+                units.per_group, dtype=torch.float32, device=device
+            )
+        counts = torch.zeros(len(units.per_group), dtype=torch.float32, device=device).index_add_(0, units.group, dead)
+        self._unit_shares = counts / per_group.clamp_min(1)
+        return (self._unit_shares >= share).any() & (per_group > 0).any()
 
 
 # --------------------------------------------------------------------------------------
@@ -558,8 +717,11 @@ class ModelTraits:
         return cls(tuple(saturating), plain_rnn, gated_rnn, normalized, transformer, depth)
 
 
-def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False) -> list[str]:
+def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False, toward_input: bool = False) -> list[str]:
     """Remedies for a ``kind`` of finding that fit ``model``'s modules.
+
+    ``toward_input``: an explosion that grows layer by layer toward the input, a depth
+    problem: the initialisation and normalisation come first there, the learning rate last.
 
     Example:
         >>> from torch import nn
@@ -587,6 +749,20 @@ def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False) -
                 "learning rate), an output that is detached or unused, or an activation underflowing to exactly 0"
             )
         out.append("check the initialisation scale: Xavier for tanh/sigmoid, He for ReLU, orthogonal for RNNs")
+    elif kind == "exploding" and toward_input:
+        out.append(
+            "the gradient grows layer by layer toward the input: each layer amplifies it (weights too large for "
+            "the depth). Use a variance-preserving initialisation (Xavier/He; orthogonal for RNNs) or scale "
+            "down the deeper layers' init"
+        )
+        if not t.normalized:
+            out.append("add normalisation (LayerNorm/BatchNorm) and residual connections between the layers")
+        out.append(
+            "clip gradients by norm meanwhile: lightning_gradguard.AdaptiveClipper(mode='zscore'); a lower "
+            "learning rate only delays a depth explosion"
+        )
+        if t.plain_rnn or t.gated_rnn:
+            out.append("recurrent nets explode through repeated weight_hh products: orthogonal init, norm clipping")
     elif kind == "exploding":
         out.append(
             "clip gradients by norm: lightning_gradguard.AdaptiveClipper(mode='zscore') "
@@ -630,6 +806,11 @@ class Evidence:
         scaler_active: an enabled fp16 ``GradScaler`` was in use.
         dead_groups: per group, whether it is dead.
         overflow_run: fp16 overflow steps in a row (``None`` without a scaler).
+        layer_growth: per group, log of its norm over its norm before the current run of
+            growing steps (the previous step's when there is no such run).
+        growth: the total norm over its value before the current run of growing steps.
+        unit_shares: per group, the share of its units that are dead.
+        units_per_group: per group, its number of watched units.
     """
 
     host: HostStats
@@ -639,14 +820,32 @@ class Evidence:
     scaler_active: bool = False
     dead_groups: tuple[bool, ...] = ()
     overflow_run: int | None = None
+    layer_growth: tuple[float, ...] = ()
+    growth: float = 1.0
+    unit_shares: tuple[float, ...] = ()
+    units_per_group: tuple[int, ...] = ()
 
     @classmethod
     def collect(
-        cls, detector: HealthDetector, stats: GroupedStats, reading: Reading, *, scaler_active: bool = False
+        cls,
+        detector: HealthDetector,
+        stats: GroupedStats,
+        reading: Reading,
+        *,
+        scaler_active: bool = False,
+        units: UnitStats | None = None,
     ) -> Evidence:
         """The statistics and the detector's dead groups and overflow run, in one host copy."""
-        host = stats.to_host(extra=[detector.dead_groups(), detector.overflow_run()])
-        dead, (run,) = host.extras
+        host = stats.to_host(
+            extra=[
+                detector.dead_groups(),
+                detector.overflow_run(),
+                detector.layer_growth(),
+                detector.growth(),
+                detector.dead_unit_shares(),
+            ]
+        )
+        dead, (run,), growth, (total_growth,), shares = host.extras
         return cls(
             host=host,
             reading=reading,
@@ -655,6 +854,10 @@ class Evidence:
             scaler_active=scaler_active,
             dead_groups=tuple(d > 0 for d in dead),
             overflow_run=int(run) if scaler_active else None,
+            layer_growth=tuple(growth),
+            growth=math.exp(total_growth) if math.isfinite(total_growth) else 1.0,
+            unit_shares=tuple(shares),
+            units_per_group=units.per_group if units is not None else (),
         )
 
     @property
@@ -674,6 +877,8 @@ class _Draft(NamedTuple):
     layers: list[tuple[str, float]]
     ratio: float | None = None
     zscore: float | None = None
+    toward_input: bool = False
+    units: list[tuple[str, float, int]] = []  # noqa: RUF012 - never mutated
 
 
 def _nonfinite_finding(ev: Evidence) -> _Draft:
@@ -705,8 +910,42 @@ def _exploding_finding(ev: Evidence) -> _Draft:
     spike = math.isfinite(z) and cfg.spike_zscore is not None and z > cfg.spike_zscore
     if spike:
         parts.append(f"a spike {z:.1f} standard deviations above the run's recent log-norm")
-    ranked = sorted(ev.norms_of(ev.names), key=lambda kv: -kv[1])
-    return _Draft(", ".join(parts), ranked[:6], zscore=z if spike else None)
+    if ev.growth >= cfg.growth_step:
+        parts.append(f"{ev.growth:.3g}x in a few steps (geometric growth)")
+    layers, toward_input = _exploding_layers(ev)
+    summary = ", ".join(parts)
+    if toward_input:
+        first, last = layers[0][0], ev.names[-1]
+        summary += (
+            f"; it grows toward the input ({first}: {ev.host.group_norms[first]:.3g} vs {last}: "
+            f"{ev.host.group_norms[last]:.3g}): the layers amplify the gradient on its way back, a depth "
+            "(initialisation/normalisation) problem rather than a learning-rate one"
+        )
+    return _Draft(summary, layers, zscore=z if spike else None, toward_input=toward_input)
+
+
+def _exploding_layers(ev: Evidence) -> tuple[list[tuple[str, float]], bool]:
+    """The layers that grew (else the largest), in depth order, and whether the norm grows toward the input.
+
+    A layer counts as grown when its norm rose at least half as much (in log) as the most
+    grown layer's, and at least ``growth_step``-fold. Without growth (a steady norm over the
+    ceiling), the layers within 10x of the largest norm are named.
+    """
+    names, norms = ev.names, ev.host.group_norms
+    growth = dict(zip(ev.host.group_norms, ev.layer_growth)) if ev.layer_growth else {}
+    grown = {n: growth[n] for n in names if math.isfinite(growth.get(n, math.nan))}
+    top = max(grown.values(), default=0.0)
+    floor = max(0.5 * top, math.log(ev.config.growth_step))
+    picked = [n for n in names if grown.get(n, -math.inf) >= floor]
+    if not picked:
+        peak = max((norms[n] for n in names), default=0.0)
+        picked = [n for n in names if norms[n] >= 0.1 * peak]
+    toward_input = False
+    if len(names) >= 3:
+        shallow, deep = norms[names[0]], norms[names[-1]]
+        rising = sum(norms[a] >= norms[b] for a, b in itertools.pairwise(names))  # steps where the shallower is larger
+        toward_input = shallow >= 10 * deep and rising >= 0.6 * (len(names) - 1)
+    return ev.norms_of(picked), toward_input
 
 
 def _vanishing_finding(ev: Evidence) -> _Draft:
@@ -727,9 +966,26 @@ def _vanishing_finding(ev: Evidence) -> _Draft:
 
 
 def _dead_finding(ev: Evidence) -> _Draft:
+    cfg = ev.config
     layers = ev.norms_of(n for n, d in zip(ev.host.group_norms, ev.dead_groups) if d)
-    summary = f"{len(layers)} layer(s) received an all-zero gradient for {ev.config.dead_patience} steps in a row"
-    return _Draft(summary, layers)
+    parts = []
+    if layers:
+        parts.append(f"{len(layers)} layer(s) received an all-zero gradient for {cfg.dead_patience} steps in a row")
+    units: list[tuple[str, float, int]] = []
+    if cfg.dead_unit_share is not None and ev.unit_shares:
+        for name, share, count in zip(ev.host.group_norms, ev.unit_shares, ev.units_per_group):
+            if count and share >= cfg.dead_unit_share:
+                units.append((name, share, count))
+    if units:
+        worst = max(units, key=lambda u: u[1])
+        parts.append(
+            f"{len(units)} layer(s) with at least {cfg.dead_unit_share:.0%} of their units (output rows) dead: an "
+            f"exactly-zero gradient for {cfg.dead_patience} steps in a row ({worst[0]}: {worst[1]:.0%} of {worst[2]})"
+        )
+        layers = layers + [kv for kv in ev.norms_of(u[0] for u in units) if kv not in layers]
+        order = {n: i for i, n in enumerate(ev.host.group_norms)}
+        layers.sort(key=lambda kv: order[kv[0]])
+    return _Draft("; ".join(parts) or "dead layers", layers, units=units)
 
 
 #: kind -> the builder of its finding's summary, layers and numbers.
@@ -760,5 +1016,7 @@ def build_finding(kind: str, step: int, evidence: Evidence, *, model: nn.Module 
         total_norm=evidence.reading.total_norm,
         ratio=draft.ratio,
         zscore=draft.zscore,
-        advice=advise(kind, model, scaler_active=evidence.scaler_active),
+        toward_input=draft.toward_input,
+        units=list(draft.units),
+        advice=advise(kind, model, scaler_active=evidence.scaler_active, toward_input=draft.toward_input),
     )

@@ -13,12 +13,13 @@ from lightning_gradguard.diagnosis import (
     DetectorConfig,
     DeviceReading,
     Evidence,
+    Finding,
     HealthDetector,
     Reading,
     advise,
     build_finding,
 )
-from lightning_gradguard.stats import GroupedStats, Grouping
+from lightning_gradguard.stats import GroupedStats, Grouping, ParamSet, UnitLayout, UnitStats, take_snapshot
 
 GROUPING = Grouping(names=("first", "last"), index=(0, 1), members=(("first.w",), ("last.w",)))
 
@@ -144,7 +145,8 @@ def test_a_checkpoint_in_the_saved_format_loads():
     assert reading.dead  # the restored run of 2 all-zero steps went on to 3
     assert math.isfinite(reading.zscore)  # 6 restored finite steps armed the spike rule
     after = d.state_dict()
-    assert list(after) == list(saved)
+    assert list(after)[: len(saved)] == list(saved)  # the old keys first, in their order
+    assert set(after) - set(saved) == {"prev_log", "grow_log", "grow_len", "group_base", "unit_run"}
     assert after["count"] == 7.0 and after["vanish_seen"] == 7.0 and after["dead_run"] == [3.0, 0.0]
     assert after["shallow_ring"][2] == pytest.approx(math.log(1e-38))  # slot 6 % 4 was written
 
@@ -220,7 +222,7 @@ def test_each_kind_has_its_finding():
     d = HealthDetector(max_norm=10.0, dead_patience=1, max_consecutive_overflows=2, vanish_ratio=1e3, patience=1)
     boom = build_finding("exploding", 0, _evidence(d, _stats(30.0, 40.0)))
     assert boom.summary == "total norm 50, above the ceiling max_norm=10" and boom.zscore is None
-    assert [name for name, _ in boom.layers] == ["last", "first"]  # largest first
+    assert [name for name, _ in boom.layers] == ["first", "last"]  # in depth order, both within 10x of the largest
     low = build_finding("vanishing", 1, _evidence(d, _stats(1e-6, 1.0)))
     assert low.layers == [("first", pytest.approx(1e-6))] and low.ratio == pytest.approx(1e6, rel=1e-4)
     dead = build_finding("dead", 2, _evidence(d, _stats(0.0, 1.0)))
@@ -248,3 +250,113 @@ def test_advice_fits_the_model():
     assert not any("without normalisation" in a for a in advise("vanishing", normed))
     assert any("bf16" in a for a in advise("nonfinite", None, scaler_active=True))
     assert not any("bf16" in a for a in advise("nonfinite", None, scaler_active=False))
+
+
+# ---------------------------------------------------------------------- geometric growth
+
+
+def _stats3(*norms: float) -> GroupedStats:
+    grouping = Grouping(names=("in", "mid", "out"), index=(0, 1, 2), members=(("in.w",), ("mid.w",), ("out.w",)))
+    t = torch.tensor(norms)
+    return GroupedStats(grouping=grouping, norms=t, max_abs=t.abs(), present=(True, True, True))
+
+
+def test_geometric_growth_is_exploding_at_its_second_step_before_any_ceiling_or_warm_up():
+    d = HealthDetector(max_norm=None, growth_total=1e3, growth_step=2.0)  # spike rule not armed yet (warm-up 20)
+    flags = [_flag(d.update(_stats(1.0, 1.0)), "exploding") for _ in range(3)]
+    flags += [_flag(d.update(_stats(10.0, 10.0)), "exploding")]  # x10: one step is not a trend
+    flags += [_flag(d.update(_stats(1e3, 1e3)), "exploding")]  # x100 more: x1e3 over two growing steps
+    assert flags == [False, False, False, False, True]
+    d = HealthDetector(max_norm=None, growth_total=1e3)
+    for norm in (1.0, 1.5, 1.2, 1.9, 1.1, 2.0, 1.0):  # a healthy wobble never accumulates
+        assert not _flag(d.update(_stats(norm, norm)), "exploding")
+    d = HealthDetector(max_norm=None, growth_total=None)
+    assert not any(_flag(d.update(_stats(v, v)), "exploding") for v in (1.0, 10.0, 1e3, 1e5))
+
+
+def test_a_finding_names_the_grown_layers_in_depth_order_and_sees_growth_toward_the_input():
+    d = HealthDetector(max_norm=None, growth_total=1e3)
+    for norms in ((1.0, 1.0, 1.0), (30.0, 3.0, 1.0)):
+        d.update(_stats3(*norms))
+    ev = _evidence(d, _stats3(3e4, 3e2, 1.1))  # grows most at the input: a depth problem
+    f = build_finding("exploding", 2, ev)
+    assert [n for n, _ in f.layers] == ["in", "mid"]  # "out" barely moved
+    assert f.toward_input and "grows toward the input" in f.summary
+    assert "layer by layer toward the input" in f.advice[0]
+    d = HealthDetector(max_norm=None, growth_total=1e3)
+    for norms in ((1.0, 1.0, 1.0), (1.0, 3.0, 30.0)):
+        d.update(_stats3(*norms))
+    f = build_finding("exploding", 2, _evidence(d, _stats3(1.2, 3e2, 3e4)))
+    assert [n for n, _ in f.layers] == ["mid", "out"] and not f.toward_input
+    assert f.advice[0].startswith("clip gradients by norm")
+
+
+# ---------------------------------------------------------------------- dead units
+
+
+def test_dead_units_need_a_share_of_a_layer_for_dead_patience_steps_and_ignore_silent_steps():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    params = ParamSet.from_module(net)
+    grouping = Grouping.build(params)
+    d = HealthDetector(dead_patience=3, dead_unit_share=0.5)
+
+    def step(dead_rows: int, silent: bool = False) -> bool:
+        net.zero_grad()
+        net(torch.randn(16, 3)).sum().backward()
+        if silent:
+            net[0].weight.grad.zero_()  # a step that tells nothing about its units (unused layer)
+        else:
+            net[0].weight.grad[:dead_rows] = 0
+        units = UnitStats.take(params, grouping, net, torch.device("cpu"))
+        assert units.per_group == (8, 2)
+        return d.update(params_stats(params, grouping), units=units).to_host().dead
+
+    assert [step(5), step(5), step(5, silent=True)] == [False, False, False]  # a silent step holds the runs
+    assert step(5)  # 5 of 8 units zero for 3 counted steps: 62% >= 50%
+    shares = d.dead_unit_shares().tolist()
+    assert shares[0] == pytest.approx(5 / 8) and shares[1] == 0.0
+    assert not step(0)  # they came back
+    d = HealthDetector(dead_patience=3, dead_unit_share=0.5)
+    assert not any(step(3) for _ in range(5))  # 3 of 8 stay below the share
+
+
+def test_embedding_and_pruned_weights_are_not_watched():
+    from torch.nn.utils import prune
+
+    net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 6), nn.Linear(6, 6), nn.Conv1d(1, 3, 2))
+    prune.random_unstructured(net[2], "weight", amount=0.5)
+    layout = UnitLayout.of(ParamSet.from_module(net), net)
+    params = ParamSet.from_module(net)
+    assert [params.names[i] for i in layout.positions] == ["1.weight", "3.weight"]
+    assert layout.rows == (6, 3)
+
+
+def test_a_dead_unit_finding_names_layer_and_share():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    params = ParamSet.from_module(net)
+    grouping = Grouping.build(params)
+    d = HealthDetector(dead_patience=1, dead_unit_share=0.5)
+    net(torch.randn(16, 3)).sum().backward()
+    net[0].weight.grad[:3] = 0
+    units = UnitStats.take(params, grouping, net, torch.device("cpu"))
+    stats = params_stats(params, grouping)
+    reading = d.update(stats, units=units).to_host()
+    f = build_finding("dead", 0, Evidence.collect(d, stats, reading, units=units), model=net)
+    assert f.units == [("0", 0.75, 4)]
+    assert "0: 75% of 4" in f.summary and "units" in f.message()
+    md = f.markdown()
+    assert "| `0` | 75% of 4 |" in md and "**Try:**" in md and "dead ReLUs" in md
+
+
+def params_stats(params: ParamSet, grouping: Grouping) -> GroupedStats:
+    return take_snapshot(params).grouped(grouping)
+
+
+def test_markdown_escapes_and_lists_layers_input_side_first():
+    f = Finding("vanishing", 3, "a_b | c", layers=[("net.0", 1e-9), ("net.2", 1e-7)], advice=["use *He* init"])
+    md = f.markdown()
+    assert md.startswith("**vanishing** gradients at step 3: a\\_b \\| c")
+    assert md.index("`net.0`") < md.index("`net.2`")
+    assert "- use \\*He\\* init" in md

@@ -129,6 +129,22 @@ class GradGuardCallback(Callback):
             optimizer = _lightning.raw_optimizer(optimizer)
         return _session.shared_snapshot(trainer, pl_module, phase, optimizer)
 
-    def _grouping(self, params: ParamSet) -> Grouping:
-        """This callback's layers of ``params``."""
+    def _grouping(self, params: ParamSet, trainer: pl.Trainer | None = None) -> Grouping:
+        """This callback's layers of ``params``, input side first, in the order the layers run.
+
+        With ``trainer``, the first call for a parameter set walks the autograd graph of the
+        last loss once (:func:`~lightning_gradguard.stats.record_forward_order`; again only
+        when a parameter it did not reach gets a gradient), so that ``Grouping.names``
+        follows the forward pass; with several ranks rank zero's order is used everywhere.
+        Without it, the order another callback recorded for the same set, else registration
+        order (``Grouping.ordered_by`` says which).
+        """
+        if trainer is not None:
+            from lightning_gradguard.stats import record_forward_order
+
+            agree = None
+            if trainer.world_size > 1:
+                agree = lambda ranks: trainer.strategy.broadcast(ranks, src=0)  # noqa: E731
+            # the session keeps the last loss (see _session.note_backward); its graph's structure outlives backward()
+            record_forward_order(params, _session.session(trainer)._last_loss, agree=agree)
         return self.layers.of(params)

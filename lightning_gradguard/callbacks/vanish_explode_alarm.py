@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -27,9 +27,13 @@ from lightning_gradguard.diagnosis import (
     Reading,
     build_finding,
 )
-from lightning_gradguard.stats import GroupedStats
+from lightning_gradguard.stats import GroupedStats, UnitStats
 
-ACTIONS = ("warn", "skip", "stop", "raise")
+#: What the alarm may do about a kind of finding.
+Action = Literal["warn", "skip", "stop", "raise"]
+#: What it may do about a non-finite step (which is never only warned about).
+NonfiniteAction = Literal["skip", "stop", "raise"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 _STRENGTH = {"none": 0, "warn": 1, "skip": 2, "stop": 3, "raise": 4}
 
 
@@ -43,7 +47,7 @@ def _checked_actions(
     """The action of each kind the alarm acts on; a non-finite step is never only warned about."""
     _validation.boolean("halt_on_nan", halt_on_nan)
     if nonfinite_action is not None:
-        _validation.choice("nonfinite_action", nonfinite_action, ("skip", "stop", "raise"))
+        _validation.choice("nonfinite_action", nonfinite_action, get_args(NonfiniteAction))
     _validation.choice("explode_action", explode_action, ACTIONS)
     _validation.choice("vanish_action", vanish_action, ACTIONS)
     _validation.choice("dead_action", dead_action, ACTIONS)
@@ -74,11 +78,14 @@ class _Step:
     reading: Reading
     scaler_active: bool
     window: list[MicroBatch]
+    units: UnitStats | None = None
 
     @cached_property
     def evidence(self) -> Evidence:
         """The host copies behind a finding or a dump, taken once and only when one is written."""
-        return Evidence.collect(self.detector, self.stats, self.reading, scaler_active=self.scaler_active)
+        return Evidence.collect(
+            self.detector, self.stats, self.reading, scaler_active=self.scaler_active, units=self.units
+        )
 
 
 def _decide(
@@ -201,6 +208,10 @@ class VanishExplodeAlarm(GradGuardCallback):
             the spike rule.
         spike_min_ratio: a spike must also be this many times the moving norm level;
             ``None`` drops this guard.
+        growth_total: geometric growth that counts as exploding: the total norm grew this
+            many times over two or more consecutive growing steps; ``None`` disables it.
+        growth_step: a step counts as growing when its total norm is at least this many
+            times the previous step's.
         ema_alpha: weight of the newest step in the moving log-norm mean/variance, in (0, 1).
         warmup_steps: finite steps before the spike rule is armed.
         vanish_ratio: median deepest/shallowest gradient-norm ratio that counts as
@@ -208,7 +219,11 @@ class VanishExplodeAlarm(GradGuardCallback):
         vanish_floor: absolute floor for the shallowest layer's median norm; ``None``
             (default) disables it: a converged model is small everywhere without vanishing.
         patience: the window, in steps, of the vanishing medians.
-        dead_patience: steps in a row of an exactly-zero gradient that make a layer dead.
+        dead_patience: steps in a row of an exactly-zero gradient that make a layer, or a
+            unit, dead.
+        dead_unit_share: share of a layer's units (output rows of a Linear/Conv weight)
+            with an exactly-zero gradient for ``dead_patience`` steps in a row that counts
+            as ``dead``; ``None`` stops watching units.
         max_consecutive_overflows: fp16 overflow steps in a row that count as a failure.
         min_loss_scale: fp16 loss scale below which overflow counts as a failure.
         episode_gap: quiet steps that end an episode (and re-arm its warning).
@@ -233,19 +248,22 @@ class VanishExplodeAlarm(GradGuardCallback):
         self,
         *,
         halt_on_nan: bool = True,
-        nonfinite_action: str | None = None,
-        explode_action: str = "warn",
-        vanish_action: str = "warn",
-        dead_action: str = "warn",
+        nonfinite_action: NonfiniteAction | None = None,
+        explode_action: Action = "warn",
+        vanish_action: Action = "warn",
+        dead_action: Action = "warn",
         max_norm: float | None = DetectorConfig.max_norm,
         spike_zscore: float | None = DetectorConfig.spike_zscore,
         spike_min_ratio: float | None = DetectorConfig.spike_min_ratio,
+        growth_total: float | None = DetectorConfig.growth_total,
+        growth_step: float = DetectorConfig.growth_step,
         ema_alpha: float = DetectorConfig.ema_alpha,
         warmup_steps: int = DetectorConfig.warmup_steps,
         vanish_ratio: float | None = DetectorConfig.vanish_ratio,
         vanish_floor: float | None = DetectorConfig.vanish_floor,
         patience: int = DetectorConfig.patience,
         dead_patience: int = DetectorConfig.dead_patience,
+        dead_unit_share: float | None = DetectorConfig.dead_unit_share,
         max_consecutive_overflows: int = DetectorConfig.max_consecutive_overflows,
         min_loss_scale: float = DetectorConfig.min_loss_scale,
         episode_gap: int = 10,
@@ -262,12 +280,15 @@ class VanishExplodeAlarm(GradGuardCallback):
             max_norm=max_norm,
             spike_zscore=spike_zscore,
             spike_min_ratio=spike_min_ratio,
+            growth_total=growth_total,
+            growth_step=growth_step,
             ema_alpha=ema_alpha,
             warmup_steps=warmup_steps,
             vanish_ratio=vanish_ratio,
             vanish_floor=vanish_floor,
             patience=patience,
             dead_patience=dead_patience,
+            dead_unit_share=dead_unit_share,
             max_consecutive_overflows=max_consecutive_overflows,
             min_loss_scale=min_loss_scale,
         )
@@ -386,7 +407,11 @@ class VanishExplodeAlarm(GradGuardCallback):
         """Check the step's shared snapshot on the device; one host copy of the reading."""
         opt_idx = _session.optimizer_index(trainer, optimizer)
         snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
-        stats = snap.grouped(self._grouping(snap.params))
+        grouping = self._grouping(snap.params, trainer)
+        stats = snap.grouped(grouping)
+        units = None
+        if self.config.dead_unit_share is not None:
+            units = UnitStats.take(snap.params, grouping, pl_module, stats.norms.device)
         detector = self._detector(opt_idx)
         scaler = _session.grad_scaler(trainer)
         scale = _lightning.current_scale(scaler) if scaler is not None else None
@@ -398,6 +423,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             loss_finite=_losses_finite(trainer, window),
             scaler_active=scaler is not None,
             loss_scale=scale,
+            units=units,
         ).to_host()
         return _Step(
             trainer=trainer,
@@ -410,6 +436,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             reading=reading,
             scaler_active=scaler is not None,
             window=window,
+            units=units,
         )
 
     def _act(self, step: _Step, active: tuple[str, ...]) -> None:
@@ -436,9 +463,9 @@ class VanishExplodeAlarm(GradGuardCallback):
                 self._lifted_min = lifted
                 implicit = " (Lightning's default when neither min_steps nor min_epochs is given)"
                 note = (
-                    f"\n  Trainer({lifted}){implicit if lifted == 'min_epochs=1' else ''} was not reached yet: Lightning "
-                    "would ignore the stop request and train on with every update dropped, so gradguard lifted "
-                    "it for this fit."
+                    f"\n  Trainer({lifted}){implicit if lifted == 'min_epochs=1' else ''} was not reached yet: "
+                    "Lightning would ignore the stop request and train on with every update dropped, so gradguard "
+                    "lifted it for this fit."
                 )
         if self.crash_dump:
             path, what = write_crash_dump(step.trainer, self.dump_dir, step.step, step.evidence, findings, step.window)

@@ -1,0 +1,150 @@
+"""Depth is the order in which layers run, not the order in which ``__init__`` registers them."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import make_trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_gradguard import VanishExplodeAlarm
+from lightning_gradguard.callbacks import _session
+from lightning_gradguard.stats import ForwardOrder, Grouping, ParamSet, record_forward_order
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from demo import Classifier, two_spirals
+
+
+class HeadFirst(nn.Module):
+    """A deep sigmoid body whose head is registered before it (a common way to write a model)."""
+
+    def __init__(self, depth: int = 12, width: int = 32):
+        super().__init__()
+        self.head = nn.Linear(width, 2)
+        layers: list[nn.Module] = [nn.Linear(2, width), nn.Sigmoid()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.Sigmoid()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class DecoderFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Linear(3, 4)
+        self.encoder = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.encoder(x)))
+
+
+class StemAfterBranch(nn.Module):
+    """``stem`` is registered first but runs after ``branch``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.branch = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(self.stem(torch.tanh(self.branch(x))))
+
+
+class TiedLM(nn.Module):
+    """Output projection tied to the embedding, registered before it."""
+
+    def __init__(self, vocab: int = 11, d: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(d, vocab, bias=False)
+        self.block = nn.Linear(d, d)
+        self.emb = nn.Embedding(vocab, d)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.proj(torch.relu(self.block(self.emb(tokens))))
+
+
+def _order(model: nn.Module, loss: torch.Tensor) -> tuple[str, ...]:
+    params = ParamSet.from_module(model)
+    return Grouping.build(params, order=ForwardOrder.of(loss, params)).names
+
+
+def test_groups_follow_the_forward_pass():
+    m = DecoderFirst()
+    assert [n for n, _ in m.named_children()] == ["decoder", "encoder"]
+    assert _order(m, m(torch.randn(2, 4)).sum()) == ("encoder", "decoder")
+    s = StemAfterBranch()
+    assert _order(s, s(torch.randn(2, 4)).sum()) == ("branch", "stem", "out")
+    h = HeadFirst(depth=3, width=4)
+    names = _order(h, h(torch.randn(2, 2)).sum())
+    assert names[0] == "body.0" and names[-1] == "head"
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))  # already in order: unchanged
+    assert _order(seq, seq(torch.randn(1, 2)).sum()) == ("0", "2")
+
+
+def test_a_tied_weight_is_placed_where_it_is_first_used():
+    m = TiedLM()
+    params = ParamSet.from_module(m)
+    assert params.names[0] == "proj.weight"  # named after the module that registered it first
+    grouping = Grouping.build(params, order=ForwardOrder.of(m(torch.tensor([[1, 2, 3]])).sum(), params))
+    assert grouping.names == ("proj", "block")  # the tied weight runs first, in the embedding
+    assert grouping.ordered_by == "forward"
+
+
+def test_parameters_the_graph_does_not_reach_keep_their_registration_neighbour_and_refresh():
+    m = StemAfterBranch()
+    m.stem.requires_grad_(False)  # frozen: not in the graph
+    params = ParamSet.from_module(m, include_frozen=True)
+    loss = m(torch.randn(2, 4)).sum()
+    assert record_forward_order(params, loss)
+    g = Grouping.build(params)
+    assert g.names == ("stem", "branch", "out")  # after the group registered before it (none)
+    assert g.unplaced == ("stem",)
+    loss.backward()
+    assert not record_forward_order(params, loss)  # nothing new has a gradient: no second walk
+    m.stem.requires_grad_(True)  # unfrozen: the next loss places it
+    m.zero_grad()
+    loss = m(torch.randn(2, 4)).sum()
+    loss.backward()
+    assert record_forward_order(params, loss)
+    assert Grouping.build(params).names == ("branch", "stem", "out")
+
+
+def test_without_a_graph_the_order_is_registration_order():
+    m = DecoderFirst()
+    params = ParamSet.from_module(m)
+    with torch.no_grad():
+        loss = m(torch.randn(2, 4)).sum()
+    order = ForwardOrder.of(loss, params)
+    assert not order.traced
+    g = Grouping.build(params, order=order)
+    assert g.names == ("decoder", "encoder") and g.ordered_by == "registration"
+    assert not record_forward_order(params, None)
+
+
+def test_head_registered_first_deep_sigmoid_is_caught_in_a_real_fit(tmp_path):
+    # In registration order the "shallowest" layer would be the head (a large gradient) and
+    # the deep/shallow ratio below 1: the vanishing body went unseen.
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(HeadFirst(depth=12, width=32), 1e-3)
+    alarm = VanishExplodeAlarm(patience=10)
+    trainer = make_trainer(tmp_path, [alarm], max_steps=20)
+    with pytest.warns(UserWarning, match="vanishing gradients"):
+        trainer.fit(model, DataLoader(two_spirals(n=512), batch_size=64, shuffle=True))
+    finding = alarm.findings[0]
+    assert finding.kind == "vanishing"
+    assert finding.layers[0][0] == "net.body.0"  # the layer that runs first is named first
+    assert "net.body.0" in finding.summary and "net.head" in finding.summary
+    opt = trainer.optimizers[0]
+    params = _session.param_set(trainer, model, opt)
+    assert params.forward_order is not None and params.forward_order.traced
+    names = alarm._grouping(params).names
+    assert names[0] == "net.body.0" and names[-1] == "net.head"
