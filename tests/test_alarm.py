@@ -22,6 +22,7 @@ from helpers import (
     read_scalars,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -36,6 +37,18 @@ from demo import Classifier, DeepSigmoidMLP, ResidualReLUMLP, two_spirals
 
 def _spirals(batch_size=128):
     return DataLoader(two_spirals(n=1024), batch_size=batch_size, shuffle=True)
+
+
+def read_texts(log_dir: str) -> dict[str, dict[int, str]]:
+    """Tag -> step -> markdown of the Text tab, read back from the event files."""
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    out: dict[str, dict[int, str]] = {}
+    for tag in acc.Tags()["tensors"]:
+        if tag.endswith("/text_summary"):
+            events = acc.Tensors(tag)
+            out[tag[: -len("/text_summary")]] = {e.step: e.tensor_proto.string_val[0].decode() for e in events}
+    return out
 
 
 def _fit(tmp_path, model, data, callbacks, **kw):
@@ -63,7 +76,13 @@ def test_deep_sigmoid_is_reported_as_vanishing_naming_its_first_layers(tmp_path)
     assert trainer.global_step == 40  # "warn" does not stop
     scalars = read_scalars(trainer.logger.log_dir)
     assert scalars["alarm/vanishing"][39] == 21.0
-    assert scalars["alarm/deep_shallow_ratio"][0] > 1e4
+    assert scalars["alarm/deep_shallow_log10"][0] > 4
+    assert "alarm/exploding" not in scalars and "alarm/dead" not in scalars  # kinds that never fired: no chart
+    texts = read_texts(trainer.logger.log_dir)
+    assert list(texts["alarm/findings"]) == [19]  # the finding, at its step, as markdown
+    md = texts["alarm/findings"][19]
+    assert md.startswith("**vanishing** gradients at step 19") and "| `net.layers.0` |" in md and "**Try:**" in md
+    assert "| vanishing | 21 | 1 | 19 |" in texts["alarm/summary"][40]  # the health summary at the end of fit
 
 
 def test_healthy_residual_relu_raises_no_alarm_of_any_kind(tmp_path, recwarn):
@@ -312,8 +331,8 @@ def test_works_beside_the_logger_sharing_one_snapshot(tmp_path, monkeypatch):
     # the first step's window holds one step: its median ratio is that step's deepest / shallowest norm
     first, last = scalars["grad_norm/net.0"][0], scalars["grad_norm/net.6"][0]
     assert readings[0].ratio == pytest.approx(last / first, rel=1e-5)
-    assert scalars["alarm/deep_shallow_ratio"][0] == pytest.approx(last / first, rel=1e-5)
-    assert scalars["alarm/nonfinite"] == dict.fromkeys(range(5), 0.0)
+    assert scalars["alarm/deep_shallow_log10"][0] == pytest.approx(math.log10(last / first), abs=1e-5)
+    assert not [k for k in scalars if k.startswith("alarm/") and k not in ("alarm/deep_shallow_log10", "alarm/zscore")]
 
 
 def test_the_detector_settings_default_to_the_config():
@@ -402,3 +421,81 @@ def test_after_a_halt_no_later_optimizer_of_the_batch_updates(tmp_path):
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VanishExplodeAlarm(**kwargs)
+
+
+# ---------------------------------------------------------------------- earlier warnings, dead units, text
+
+
+class GrowingLoss(RecordingMLP):
+    """From step ``start`` on, the loss (and so every gradient) is multiplied by ~32 more each step."""
+
+    def __init__(self, start: int = 5):
+        super().__init__()
+        self.start = start
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 10.0 ** (1.5 * max(0, self.trainer.global_step - self.start + 1))
+
+
+def test_geometric_growth_stops_before_the_ceiling_and_before_warm_up_arms_the_spike_rule(tmp_path):
+    alarm = VanishExplodeAlarm(explode_action="stop")  # warm-up 20: the spike rule is not armed yet
+    model = GrowingLoss(start=5)
+    with pytest.warns(UserWarning, match="geometric growth"):
+        trainer = _fit(tmp_path, model, loader(n=256), [alarm], max_steps=30)
+    assert alarm.halted_at == 6  # x32 at step 5 (one step is not a trend), x1e3 over steps 5-6: stop
+    finding = alarm.findings[0]
+    assert finding.kind == "exploding" and finding.total_norm < 1e6  # below the ceiling
+    assert [n for n, _ in finding.layers] == ["net.0", "net.2", "net.4", "net.6"]  # every layer, input side first
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    texts = read_texts(trainer.logger.log_dir)
+    assert "**exploding** gradients at step 6" in texts["alarm/findings"][6]
+    assert "training halted at step 6" in texts["alarm/summary"][6]  # written on halt
+    baseline = VanishExplodeAlarm(explode_action="stop", growth_total=None)
+    _fit(tmp_path / "ceiling", GrowingLoss(start=5), loader(n=256), [baseline], max_steps=30)
+    assert baseline.halted_at > alarm.halted_at  # the ceiling (1e6) alone fires later, on a larger norm
+    assert baseline.findings[0].total_norm > 30 * finding.total_norm
+
+
+class DyingReLU(pl.LightningModule):
+    """A ReLU MLP whose first layer's biases are pushed far negative at ``kill_step``: most units die."""
+
+    def __init__(self, kill_step: int = 3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.kill_step = kill_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.kill_step:
+            with torch.no_grad():
+                self.net[0].bias[:24] = -100.0  # 24 of 32 units never fire again
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_dead_units_are_reported_with_their_layer_and_share(tmp_path):
+    alarm = VanishExplodeAlarm(dead_patience=5)
+    with pytest.warns(UserWarning, match="dead gradients"):
+        trainer = _fit(tmp_path, DyingReLU(kill_step=3), loader(n=256), [alarm], max_steps=12)
+    finding = alarm.findings[0]
+    assert finding.kind == "dead" and finding.step == 3 + 5 - 1
+    assert finding.units == [("net.0", 0.75, 32)]  # 24 of 32 rows of the first Linear
+    assert "net.0: 75% of 32" in finding.summary
+    assert alarm.counts["dead"] == 12 - finding.step
+    assert "| `net.0` | 75% of 32 |" in read_texts(trainer.logger.log_dir)["alarm/findings"][finding.step]
+    quiet = VanishExplodeAlarm(dead_patience=5, dead_unit_share=None)
+    _fit(tmp_path / "off", DyingReLU(kill_step=3), loader(n=256), [quiet], max_steps=12)
+    assert quiet.counts["dead"] == 0  # the layer as a whole still learns: only units are dead
+
+
+def test_action_arguments_are_typed_as_literals():
+    from typing import get_args, get_type_hints
+
+    hints = get_type_hints(VanishExplodeAlarm.__init__)
+    assert set(get_args(hints["explode_action"])) == {"warn", "skip", "stop", "raise"}
+    assert set(get_args(get_args(hints["nonfinite_action"])[0])) == {"skip", "stop", "raise"}
+    with pytest.raises(ValueError, match="explode_action"):
+        VanishExplodeAlarm(explode_action="halt")

@@ -147,14 +147,22 @@ class AlarmRecord:
         return True
 
     def metrics(self, reading: Reading, seg: str = "") -> dict[str, float]:
-        """The ``alarm/`` scalars of a step (``seg``: ``"opt<i>/"`` with several optimizers)."""
-        metrics = {f"alarm/{seg}{k}": float(self.counts[k]) for k in KINDS}
-        metrics[f"alarm/{seg}skipped_steps"] = float(self.skipped_steps)
-        # TensorBoard cannot draw NaN/Inf: a z-score before the spike rule is armed, or a
-        # ratio without two layers that have a gradient, is left out of that step
-        for name, value in (("zscore", reading.zscore), ("deep_shallow_ratio", reading.ratio)):
-            if math.isfinite(value):
-                metrics[f"alarm/{seg}{name}"] = value
+        """The ``alarm/`` scalars of a step (``seg``: ``"opt<i>/"`` with several optimizers).
+
+        A counter is logged from the step its kind first fires (a healthy run shows no
+        counter chart at all, rather than a wall of flat zeros); ``skipped_steps`` likewise.
+        The deep/shallow ratio spans decades (1 to 1e16 and beyond): it is logged as its
+        log10, which a linear chart draws readably. TensorBoard cannot draw NaN/Inf: a
+        z-score before the spike rule is armed, or a ratio without two layers that have a
+        gradient (or an infinite one), is left out of that step.
+        """
+        metrics = {f"alarm/{seg}{k}": float(self.counts[k]) for k in KINDS if self.counts[k]}
+        if self.skipped_steps:
+            metrics[f"alarm/{seg}skipped_steps"] = float(self.skipped_steps)
+        if math.isfinite(reading.zscore):
+            metrics[f"alarm/{seg}zscore"] = reading.zscore
+        if math.isfinite(reading.ratio) and reading.ratio > 0:
+            metrics[f"alarm/{seg}deep_shallow_log10"] = math.log10(reading.ratio)
         return metrics
 
     def summary(self) -> str:
@@ -173,6 +181,25 @@ class AlarmRecord:
         if self.halted_at is not None:
             lines.append(f"  training halted at step {self.halted_at}")
         lines.extend(f"  crash dump: {path}" for path in self.dump_paths)
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The health summary as markdown (a table of the kinds seen), for TensorBoard's Text tab."""
+        seen = [k for k in KINDS if self.counts[k]]
+        lines = [f"**Gradient health** over {self.steps_checked} optimizer steps", ""]
+        if seen:
+            lines += ["| kind | steps flagged | episodes | first at step |", "|---|---|---|---|"]
+            lines += [f"| {k} | {self.counts[k]} | {self.episodes[k]} | {self.first_step[k]} |" for k in seen]
+        else:
+            lines.append("No vanishing, exploding, dead or non-finite gradients seen.")
+        notes = []
+        if self.skipped_steps:
+            notes.append(f"- optimizer steps skipped by gradguard: {self.skipped_steps}")
+        if self.halted_at is not None:
+            notes.append(f"- training halted at step {self.halted_at}")
+        notes.extend(f"- crash dump: `{path}`" for path in self.dump_paths)
+        if notes:
+            lines += ["", *notes]
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -304,6 +304,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         self.record = AlarmRecord(self.episode_gap)
         self._window = _Window()
         self._lifted_min: str | None = None
+        self._summary_logged_at: int | None = None
         self._restored_detectors: dict[int, dict[str, Any]] = {}
 
     counts = _from_record("counts", "Per kind, the optimizer steps flagged so far.")
@@ -340,6 +341,7 @@ class VanishExplodeAlarm(GradGuardCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window.clear()
+        self._summary_logged_at = None
         self.record.halted_at = None
 
     @override
@@ -347,6 +349,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         self._window.clear()
         self._lifted_min = _lightning.restore_min_limits(trainer, self._lifted_min)
         rank_zero_info(self.summary())
+        self._log_summary(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -358,6 +361,7 @@ class VanishExplodeAlarm(GradGuardCallback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, GradientAnomalyError):
             rank_zero_info(self.summary())
+            self._log_summary(trainer)
 
     # ------------------------------------------------------------------ the micro-batches of a step
 
@@ -449,6 +453,9 @@ class VanishExplodeAlarm(GradGuardCallback):
         self.record.findings.extend(findings)
         for f in findings:
             rank_zero_warn(f.message() + ("\n  training stops now." if strongest == "stop" else "") + note)
+            _session.log_text(step.trainer, f"alarm/{self._seg(step)}findings", f.markdown(), step.step)
+        if strongest == "stop":
+            self._log_summary(step.trainer)  # fit ends after this batch; the summary says why at once
         if strongest == "raise":
             raise GradientAnomalyError(next(f for f in findings if self.actions[f.kind] == "raise"))
 
@@ -474,9 +481,19 @@ class VanishExplodeAlarm(GradGuardCallback):
                 f.dump_path, f.dump_batch = path, what
         return note
 
+    @staticmethod
+    def _seg(step: _Step) -> str:
+        return f"opt{step.opt_idx}/" if len(step.trainer.optimizers) > 1 else ""
+
     def _log(self, step: _Step) -> None:
-        seg = f"opt{step.opt_idx}/" if len(step.trainer.optimizers) > 1 else ""
-        _session.log_metrics(step.trainer, self.record.metrics(step.reading, seg), step.step)
+        _session.log_metrics(step.trainer, self.record.metrics(step.reading, self._seg(step)), step.step)
+
+    def _log_summary(self, trainer: pl.Trainer) -> None:
+        """The health summary to the Text tab (``alarm/summary``), once per fit and at most once per step."""
+        if not trainer.loggers or self._summary_logged_at == trainer.global_step:
+            return
+        self._summary_logged_at = trainer.global_step
+        _session.log_text(trainer, "alarm/summary", self.record.markdown(), trainer.global_step)
 
     def summary(self) -> str:
         """A short health report of the run so far."""
