@@ -34,6 +34,9 @@ __all__ = ["FlowHistory", "heatmap_png", "image_summary", "plotting_unavailable"
 
 #: columns a history keeps by default (after that, every other kept step is dropped)
 DEFAULT_CAPACITY = 240
+#: the heatmap's colour scale spans at least this many decades below the largest norm, so that a
+#: healthy run (all layers within a few decades) looks uniform and a vanishing one does not
+MIN_DECADES = 12
 #: a picture of more layers than this labels only some of them
 _MAX_LABELS = 48
 
@@ -190,8 +193,10 @@ def heatmap_png(history: FlowHistory, *, title: str = "") -> bytes:
 
     Rows are layers in :attr:`FlowHistory.names` order (input side at the top), columns the
     kept steps (the newest step is added if it was not kept). Colour is log10 of the norm,
-    with a colour bar in decades; a layer whose gradient is exactly 0 is black, a
-    non-finite one red, a step without a gradient for the layer grey.
+    with a colour bar in decades spanning at least :data:`MIN_DECADES` below the largest
+    norm (so healthy layers share one colour and vanishing ones stand out dark); a layer
+    whose gradient is exactly 0 is black, a non-finite one red, a step without a gradient
+    for the layer grey.
     """
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
@@ -205,11 +210,10 @@ def heatmap_png(history: FlowHistory, *, title: str = "") -> bytes:
     n_layers, n_steps = values.shape
     finite = values[np.isfinite(values)]
     if finite.size:
-        low, high = math.floor(float(finite.min())), math.ceil(float(finite.max()))
+        high = max(math.ceil(float(finite.max())), -30)
+        low = min(math.floor(float(finite.min())), high - MIN_DECADES)
     else:
-        low, high = -8, 2
-    if high - low < 2:
-        low, high = low - 1, high + 1
+        low, high = -MIN_DECADES, 0
     cmap = colormaps["viridis"].with_extremes(under="black", over="red", bad="#d9d9d9")
     drawn = np.where(np.isposinf(values), high + 1.0, np.where(np.isneginf(values), low - 1.0, values))
 
@@ -293,6 +297,15 @@ def profile_png(history: FlowHistory, *, title: str = "") -> bytes:
         r = np.array([ratios.get(name, np.nan) for name in names], dtype=np.float64)
         ok = np.isfinite(r) & (r > 0)
         bottom.plot(x[ok], r[ok], "o-", color="tab:green", ms=3, label="update / weight")
+        if (r == 0).any():
+            bottom.plot(
+                x[r == 0],
+                np.full(int((r == 0).sum()), 0.05),
+                "v",
+                color="black",
+                transform=bottom.get_xaxis_transform(),
+                label="exactly 0 (update lost to rounding)",
+            )
         bottom.axhline(1e-3, color="gray", ls=":", lw=1, label="1e-3 (rule of thumb)")
         bottom.set_yscale("log")
         bottom.set_ylabel("update/weight")

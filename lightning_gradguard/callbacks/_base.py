@@ -9,13 +9,14 @@ Every gradguard callback
 - registers itself in the session at ``setup``, so callbacks learn about each other from
   the session (:meth:`GradGuardCallback.attached`), never by class name;
 - groups parameters into layers from its :class:`Layers` settings, and logs on the steps
-  :meth:`GradGuardCallback.is_log_step` names (one cadence, one expression).
+  :meth:`GradGuardCallback.is_log_step` names (one cadence, one expression: Lightning's own,
+  so their points share the steps of the loss), at the x-axis step :meth:`GradGuardCallback.log_step`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -25,6 +26,9 @@ from typing_extensions import override
 from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.stats import GradSnapshot, Grouping, ParamSet
+
+#: How parameters form layers (the ``group_by`` argument of every callback), for LightningCLI's ``--help``.
+GroupBy = Literal["module", "parameter", "depth", "pattern", "total"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,19 @@ class Layers:
                 params, group_by=self.group_by, group_depth=self.group_depth, group_patterns=patterns
             )
         return grouping
+
+
+def is_due(step: int, interval: int) -> bool:
+    """Whether ``step`` is one of every ``interval`` steps, counted the way Lightning counts them.
+
+    Lightning writes ``self.log`` values when ``(step + 1) % log_every_n_steps == 0``, where
+    ``step`` counts the batches that stepped before this one.
+
+    Example:
+        >>> [s for s in range(30) if is_due(s, 10)]
+        [9, 19, 29]
+    """
+    return (step + 1) % interval == 0
 
 
 class GradGuardCallback(Callback):
@@ -117,10 +134,38 @@ class GradGuardCallback(Callback):
         """Whether a gradguard callback of class ``kind`` is attached to ``trainer`` (known after ``setup``)."""
         return _session.session(trainer).has(kind)
 
+    @staticmethod
+    def log_step(trainer: pl.Trainer) -> int:
+        """The x-axis step of this batch's points: the one Lightning's own ``self.log`` values carry.
+
+        It counts the batches that stepped an optimizer before this one; with one optimizer it
+        equals ``trainer.global_step`` before the step, under manual optimisation with several
+        optimizers ``global_step`` runs ahead of it (one count per optimizer step).
+        """
+        return _session.log_step(trainer)
+
+    def log_interval(self, trainer: pl.Trainer) -> int:
+        """The logging interval in force: this callback's ``log_every_n_steps``, else the Trainer's (else 1)."""
+        return self.log_every_n_steps or trainer.log_every_n_steps or 1
+
     def is_log_step(self, trainer: pl.Trainer, step: int | None = None) -> bool:
-        """Whether this callback logs at optimizer step ``step`` (default: ``trainer.global_step``)."""
-        step = trainer.global_step if step is None else step
-        return step % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0
+        """Whether this callback logs at step ``step`` (default: :meth:`log_step`).
+
+        The one cadence of every gradguard callback, and Lightning's: a batch logs when
+        ``(step + 1) % interval == 0`` (steps 9, 19, ... for an interval of 10), so gradguard's
+        points share their steps with the loss and every other ``self.log`` value.
+        """
+        step = self.log_step(trainer) if step is None else step
+        return is_due(step, self.log_interval(trainer))
+
+    def custom_scalar_charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
+        """This callback's charts for the "gradguard" custom-scalars tab: ``{title: ["Multiline", [regex, ...]]}``.
+
+        :func:`~lightning_gradguard.callbacks._session.write_layout` merges the charts of every
+        attached gradguard callback into one layout (TensorBoard shows the last layout written,
+        so there must be one writer). Default: none.
+        """
+        return {}
 
     def _snapshot(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: str, optimizer: Any = None

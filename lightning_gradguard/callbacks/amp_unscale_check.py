@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from typing_extensions import override
 
 from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
-from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
+from lightning_gradguard.callbacks._base import GradGuardCallback, GroupBy, Layers
 from lightning_gradguard.stats import zero_fractions
 
 
@@ -139,7 +140,8 @@ class AmpUnscaleCheck(GradGuardCallback):
     Cost per step: a few device ops on the shared snapshot's finiteness flag; at logging
     steps one host copy (plus one ``foreach`` pass over the gradients for underflow).
 
-    Logged keys (at ``log_every_n_steps``): ``amp/loss_scale``, ``amp/overflow_steps``
+    Logged keys (at ``log_every_n_steps``): ``amp/loss_scale``, ``amp/loss_scale_log2`` (the
+    same in powers of two, readable while it spans decades), ``amp/overflow_steps``
     (steps whose gradients overflowed so far), ``amp/skip_rate`` (over the last
     ``skip_rate_window`` steps, or all steps so far while fewer),
     ``amp/zero_grad_fraction/total`` and ``amp/zero_grad_fraction/<group>``
@@ -182,7 +184,7 @@ class AmpUnscaleCheck(GradGuardCallback):
         track_underflow: bool = True,
         underflow_rise: float = 0.1,
         fix_scaled_clipping: bool = True,
-        group_by: str = "module",
+        group_by: GroupBy = "module",
         group_depth: int | None = None,
         group_patterns: Mapping[str, str] | None = None,
     ) -> None:
@@ -299,12 +301,12 @@ class AmpUnscaleCheck(GradGuardCallback):
         scale = _lightning.current_scale(scaler)
         overflows = self._overflows_on(snap.norms.device)
         overflows.record(~snap.all_finite)
-        step = trainer.global_step
+        step = self.log_step(trainer)
         if self.is_log_step(trainer, step):
             self._report(trainer, snap, overflows, scale, step)
 
     def _report(self, trainer: pl.Trainer, snap: Any, overflows: _Overflows, scale: Tensor | None, step: int) -> None:
-        grouping = self._grouping(snap.params)
+        grouping = self._grouping(snap.params, trainer)
         ref = overflows.steps
         parts = [
             (scale if scale is not None else torch.ones(())).to(ref).reshape(1),
@@ -318,10 +320,15 @@ class AmpUnscaleCheck(GradGuardCallback):
         values = torch.cat(parts).tolist()  # the one host copy of a logging step
         loss_scale, overflow_steps, skip_rate, longest_run, steps = values[:5]
         overflows.max_run.zero_()
-        metrics = {"amp/loss_scale": loss_scale, "amp/overflow_steps": overflow_steps, "amp/skip_rate": skip_rate}
+        metrics = {
+            "amp/loss_scale": loss_scale,
+            "amp/loss_scale_log2": math.log2(loss_scale) if loss_scale > 0 else math.nan,
+            "amp/overflow_steps": overflow_steps,
+            "amp/skip_rate": skip_rate,
+        }
         if self.track_underflow:
             metrics.update(self._underflow_metrics(snap, grouping, values[5:], loss_scale))
-        _session.log_metrics(trainer, metrics, step)
+        _session.log_metrics(trainer, metrics, step, finite_only=True)
         self._check_health(trainer, step, loss_scale, skip_rate, int(longest_run), int(steps))
 
     def _underflow_metrics(
@@ -383,6 +390,16 @@ class AmpUnscaleCheck(GradGuardCallback):
                 risen.append(f"{name} ({low:.0%} -> {frac:.0%})")
         if risen:
             self._warn_once("underflow", _underflow_message(risen, loss_scale))
+
+    @override
+    def custom_scalar_charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
+        """The loss scale (log2) and the skip rate, when an fp16 scaler is there to watch."""
+        if not self.active:
+            return {}
+        return {
+            "fp16 loss scale (log2)": ["Multiline", [r"^amp/loss_scale_log2$"]],
+            "fp16 steps skipped for overflow (rate)": ["Multiline", [r"^amp/skip_rate$"]],
+        }
 
     # ------------------------------------------------------------------ helpers
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard import _lightning, _validation
+from lightning_gradguard import _lightning, _validation, flow
 from lightning_gradguard.callbacks import _session
-from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
+from lightning_gradguard.callbacks._base import GradGuardCallback, GroupBy, Layers, is_due
 from lightning_gradguard.stats import (
     Grouping,
     ParamSet,
@@ -26,7 +27,21 @@ from lightning_gradguard.stats import (
     total_norm,
 )
 
-HOOKS = ("on_before_optimizer_step", "on_after_backward")
+#: Where the logger reads the gradients.
+Hook = Literal["on_before_optimizer_step", "on_after_backward"]
+HOOKS: tuple[str, ...] = ("on_before_optimizer_step", "on_after_backward")
+
+
+def _log10(value: float) -> float:
+    """log10 of a positive finite value, else NaN (left out of the logs)."""
+    return math.log10(value) if math.isfinite(value) and value > 0 else math.nan
+
+
+def _first_middle_last(names: list[str]) -> dict[str, str]:
+    """``{"first": name, "middle": name, "last": name}`` of the layers in forward order."""
+    if not names:
+        return {}
+    return {"first": names[0], "middle": names[(len(names) - 1) // 2], "last": names[-1]}
 
 
 @dataclass
@@ -64,16 +79,33 @@ class GradientNormLogger(GradGuardCallback):
     ``update_ratio/<group>``      the update the optimizer applied (``log_update_ratio=True``)
     ``grad_hist/<group>``         histogram of the group's gradient values, TensorBoard only
                                   (``histogram_every_n_steps``)
+    ``grad_norm_log10/<which>``   log10 of the norm of the ``total`` and of the ``first``,
+                                  ``middle`` and ``last`` layer in forward order: values that
+                                  span decades, readable on a linear axis
+    ``update_ratio_log10/...``    the same for the update ratio (``log_update_ratio=True``)
+    ``grad_flow/heatmap``,        Images tab (TensorBoard, needs matplotlib): log10 gradient
+    ``grad_flow/profile``         norm per layer x step, and per layer at the newest step
+                                  (``flow_every_n_steps``)
+    ``gradguard/layers``          Text tab: the layers in forward order
     ============================  ==========================================================
+
+    NaN and infinite values (a non-finite gradient) and log10 of a zero norm are not
+    logged: TensorBoard cannot draw them. The heatmap shows them (red: non-finite, black:
+    exactly zero), and :class:`~lightning_gradguard.VanishExplodeAlarm` reports them.
 
     With ``hook="on_after_backward"`` the ``grad_norm`` prefix becomes
     ``grad_norm_microbatch``: the norms are those of the first micro-batch of each logged
     step (the gradient of that micro-batch alone, before accumulation and, under DDP,
     before the all-reduce of a ``no_sync`` micro-batch).
 
-    The step on the x-axis is ``trainer.global_step`` before the step is applied (the
-    first optimizer step is step 0). With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`
-    a custom-scalars layout groups the charts under a "gradguard" tab.
+    Points land on the steps of Lightning's own ``self.log`` values: a batch logs when
+    ``(step + 1) % log_every_n_steps == 0`` (steps 9, 19, ... for 10), at the step Lightning
+    gives it (batches that stepped before it; with one optimizer ``trainer.global_step``
+    before the step). Every gradguard callback follows this one cadence. With a
+    :class:`~lightning.pytorch.loggers.TensorBoardLogger` a custom-scalars layout (the
+    "gradguard" tab) shows one chart per question: the total norm; the first, middle and
+    last layer in log10; clipping threshold vs pre-clip norm (with an ``AdaptiveClipper``);
+    the fp16 loss scale (with an ``AmpUnscaleCheck``).
 
     Args:
         log_every_n_steps: log every this many optimizer steps; ``None`` uses the
@@ -95,7 +127,15 @@ class GradientNormLogger(GradGuardCallback):
         histogram_every_n_steps: write gradient histograms every this many steps to
             TensorBoard loggers (``None``: never). Costs a host copy of the gradients.
             Non-finite values (an overflowed fp16 step) are left out of the histogram.
-        custom_scalars: write the TensorBoard custom-scalars layout at the start of ``fit``.
+        custom_scalars: write the TensorBoard custom-scalars layout (at the first logging step,
+            when the layers are known).
+        flow_every_n_steps: draw the gradient-flow pictures (Images tab) every this many steps
+            and at the end of ``fit``, from the norms of the logging steps so far (``None``:
+            never). Needs matplotlib (extra ``plots``); without it the logger says so once
+            and logs everything else. A picture costs a few hundred ms on the steps it is
+            drawn; steps in between pay nothing for it.
+        flow_history: logging steps the pictures' history keeps; beyond that older steps are
+            thinned (memory does not grow with the run).
 
     Raises:
         ValueError: if an argument is outside what is allowed; the message names it.
@@ -108,7 +148,7 @@ class GradientNormLogger(GradGuardCallback):
 
         trainer = Trainer(
             logger=TensorBoardLogger("runs"),
-            callbacks=[GradientNormLogger(log_every_n_steps=10, log_update_ratio=True)],
+            callbacks=[GradientNormLogger(log_every_n_steps=10, log_update_ratio=True, flow_every_n_steps=200)],
         )
     """
 
@@ -116,8 +156,8 @@ class GradientNormLogger(GradGuardCallback):
         self,
         *,
         log_every_n_steps: int | None = None,
-        hook: str = "on_before_optimizer_step",
-        group_by: str = "module",
+        hook: Hook = "on_before_optimizer_step",
+        group_by: GroupBy = "module",
         group_depth: int | None = None,
         group_patterns: Mapping[str, str] | None = None,
         per_layer: bool = True,
@@ -126,6 +166,8 @@ class GradientNormLogger(GradGuardCallback):
         log_update_ratio: bool = False,
         histogram_every_n_steps: int | None = None,
         custom_scalars: bool = True,
+        flow_every_n_steps: int | None = 500,
+        flow_history: int = flow.DEFAULT_CAPACITY,
     ) -> None:
         super().__init__(
             log_every_n_steps=log_every_n_steps, layers=Layers.checked(group_by, group_depth, group_patterns)
@@ -140,6 +182,8 @@ class GradientNormLogger(GradGuardCallback):
         ):
             _validation.boolean(name, value)
         _validation.integer("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
+        _validation.integer("flow_every_n_steps", flow_every_n_steps, allow_none=True)
+        _validation.integer("flow_history", flow_history, low=2, high=_validation.MAX_WINDOW)
         self.hook = hook
         self.per_layer = per_layer
         self.log_max_abs = log_max_abs
@@ -147,8 +191,28 @@ class GradientNormLogger(GradGuardCallback):
         self.log_update_ratio = log_update_ratio
         self.histogram_every_n_steps = histogram_every_n_steps
         self.custom_scalars = custom_scalars
+        self.flow_every_n_steps = flow_every_n_steps
+        self.flow_history = flow_history
         self._pending: list[_PendingUpdate] = []
         self._last_backward_step: int | None = None
+        self._flows: dict[str, flow.FlowHistory] = {}  # per optimizer segment ("" or "opt<i>/")
+        self._flow_next: int | None = None  # the step (+1) from which the next pictures are due
+        self._flow_due: set[str] = set()
+        self._flow_drawn: dict[str, int] = {}
+        self._flow_on = False
+        self._names: dict[str, tuple[str, ...]] = {}  # layer names last written to the Text tab
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The settings that tell two loggers apart, so that several fit in one checkpoint."""
+        return self._generate_state_key(
+            hook=self.hook,
+            log_every_n_steps=self.log_every_n_steps,
+            group_by=self.group_by,
+            group_depth=self.group_depth,
+            group_patterns=self.group_patterns,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -161,14 +225,36 @@ class GradientNormLogger(GradGuardCallback):
                 "it will log nothing. Attach a TensorBoardLogger or CSVLogger."
             )
 
+        self._flow_on = False
+        if stage != "fit" or not self.flow_every_n_steps:
+            return
+        has_tensorboard = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
+        why = flow.plotting_unavailable()
+        if not has_tensorboard:
+            why = "they go to TensorBoard's Images tab and the Trainer has no TensorBoardLogger"
+        elif self.group_by == "total":
+            why = 'group_by="total" leaves no layers to draw'
+        if why is None:
+            self._flow_on = True
+        elif has_tensorboard:
+            rank_zero_warn(
+                f"GradientNormLogger: the gradient-flow pictures are off: {why}. The scalars are logged as usual; "
+                "pass flow_every_n_steps=None to silence this."
+            )
+        else:
+            rank_zero_info(f"GradientNormLogger: the gradient-flow pictures are off: {why}.")
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
         self._last_backward_step = None
-        if self.custom_scalars and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_custom_scalars(self._layout())
+        self._flow_due.clear()
+        if self._flow_next is None and self.flow_every_n_steps:
+            self._flow_next = self.flow_every_n_steps
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw_flows(trainer, final=True)
 
     # ------------------------------------------------------------------ hooks
 
@@ -176,7 +262,7 @@ class GradientNormLogger(GradGuardCallback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.hook != "on_after_backward" or not trainer.loggers:
             return
-        step = trainer.global_step
+        step = self.log_step(trainer)
         if not self.is_log_step(trainer, step) or self._last_backward_step == step:
             return
         self._last_backward_step = step
@@ -189,7 +275,7 @@ class GradientNormLogger(GradGuardCallback):
     ) -> None:
         if self.hook != "on_before_optimizer_step" or not trainer.loggers:
             return
-        step = trainer.global_step
+        step = self.log_step(trainer)
         if not self.is_log_step(trainer, step):
             return
         optimizer = _lightning.raw_optimizer(optimizer)
@@ -200,6 +286,8 @@ class GradientNormLogger(GradGuardCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         while self._pending:
             self._log_update(trainer, self._pending.pop(0))
+        if self._flow_due:
+            self._draw_flows(trainer)
 
     # ------------------------------------------------------------------ work
 
@@ -213,7 +301,7 @@ class GradientNormLogger(GradGuardCallback):
         step: int,
     ) -> None:
         params = snap.params
-        grouping = self._grouping(params)
+        grouping = self._grouping(params, trainer)
         stats = snap.grouped(grouping)
         opt_seg = ""
         if optimizer is not None and len(trainer.optimizers) > 1:
@@ -234,6 +322,12 @@ class GradientNormLogger(GradGuardCallback):
             for (name, value), present in zip(host.group_norms.items(), stats.present):
                 if present:
                     metrics[f"{prefix}/{opt_seg}{name}"] = value
+        present_names = [n for n, has in zip(grouping.names, stats.present) if has]
+        layer_norms = dict(zip(grouping.names, host.group_norms.values()))
+        metrics[f"{prefix}_log10/{opt_seg}total"] = _log10(host.total_norm)
+        if self.group_by != "total":
+            for which, name in _first_middle_last(present_names).items():
+                metrics[f"{prefix}_log10/{opt_seg}{which}"] = _log10(layer_norms[name])
         if self.log_max_abs:
             metrics[f"grad_max_abs/{opt_seg}total"] = host.max_abs
         if self.log_param_norms:
@@ -243,9 +337,22 @@ class GradientNormLogger(GradGuardCallback):
                 for name, value, present in zip(grouping.names, pnorms, stats.present):
                     if present:
                         metrics[f"param_norm/{opt_seg}{name}"] = value
-        _session.log_metrics(trainer, metrics, step)
+        _session.log_metrics(trainer, metrics, step, finite_only=True)
+        self._describe_layers(trainer, grouping, opt_seg, step)
+        if self._flow_on:
+            norms = [v if has else None for v, has in zip(host.group_norms.values(), stats.present)]
+            history = self._flows.get(opt_seg)
+            if history is None:
+                history = self._flows[opt_seg] = flow.FlowHistory(self.flow_history)
+            history.add(step, grouping.names, norms)
+            if self.log_param_norms:
+                history.extras["param_norm"] = {
+                    n: v for n, v, has in zip(grouping.names, host.extras[0], stats.present) if has
+                }
+            if self._flow_next is not None and step + 1 >= self._flow_next:
+                self._flow_due.add(opt_seg)
 
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+        if self.histogram_every_n_steps and is_due(step, self.histogram_every_n_steps):
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
         if self.log_update_ratio and optimizer is not None and param_norms is not None:
             before = [local_tensor(p).detach().clone() if p.grad is not None else None for p in params.params]
@@ -268,15 +375,24 @@ class GradientNormLogger(GradGuardCallback):
         values = torch.cat([upd / pending.param_norms.clamp_min(1e-30), ratio_total.view(1)])
         values = values.tolist()
         ratios, total = values[:-1], values[-1]
-        metrics = {f"update_ratio/{pending.prefix}total": total}
+        metrics = {
+            f"update_ratio/{pending.prefix}total": total,
+            f"update_ratio_log10/{pending.prefix}total": _log10(total),
+        }
+        present = [False] * len(grouping)
+        for gi, b in zip(grouping.index, pending.before):
+            present[gi] = present[gi] or b is not None
+        by_name = {name: value for name, value, has in zip(grouping.names, ratios, present) if has}
         if self.per_layer and self.group_by != "total":
-            present = [False] * len(grouping)
-            for gi, b in zip(grouping.index, pending.before):
-                present[gi] = present[gi] or b is not None
-            for name, value, has in zip(grouping.names, ratios, present):
-                if has:
-                    metrics[f"update_ratio/{pending.prefix}{name}"] = value
-        _session.log_metrics(trainer, metrics, pending.step)
+            for name, value in by_name.items():
+                metrics[f"update_ratio/{pending.prefix}{name}"] = value
+        if self.group_by != "total":
+            for which, name in _first_middle_last(list(by_name)).items():
+                metrics[f"update_ratio_log10/{pending.prefix}{which}"] = _log10(by_name[name])
+        _session.log_metrics(trainer, metrics, pending.step, finite_only=True)
+        history = self._flows.get(pending.prefix)
+        if history is not None:
+            history.extras["update_ratio"] = by_name
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -297,25 +413,98 @@ class GradientNormLogger(GradGuardCallback):
             for writer in writers:
                 writer.add_histogram(f"grad_hist/{opt_seg}{name}", values, step)
 
-    def _layout(self) -> dict[str, Any]:
-        """TensorBoard custom-scalars layout: one chart per family, layers overlaid."""
+    def _describe_layers(self, trainer: pl.Trainer, grouping: Grouping, opt_seg: str, step: int) -> None:
+        """The layers in forward order to the Text tab, and the custom-scalars layout, when they change."""
+        names = tuple(grouping.names)
+        if self._names.get(opt_seg) == names:
+            return
+        self._names[opt_seg] = names
+        if self.custom_scalars:
+            _session.write_layout(trainer, self._charts(trainer))
+        if self.group_by == "total":
+            return
+        shown = "\n".join(f"{i + 1}. `{name}`" for i, name in enumerate(names[:500]))
+        more = f"\n\n... and {len(names) - 500} more" if len(names) > 500 else ""
+        text = f"{len(names)} layers (`group_by={self.group_by!r}`), input side first:\n\n{shown}{more}"
+        _session.log_text(trainer, f"gradguard/layers{'/' + opt_seg.rstrip('/') if opt_seg else ''}", text, step)
+
+    def _draw_flows(self, trainer: pl.Trainer, final: bool = False) -> None:
+        """Draw the due gradient-flow pictures (all of them with ``final``) to the Images tab."""
+        due = set(self._flows) if final else self._flow_due
+        self._flow_due = set()
+        if not self._flow_on or not trainer.is_global_zero:
+            return
+        tag = "grad_flow_microbatch" if self.hook == "on_after_backward" else "grad_flow"
+        run = getattr(trainer.logger, "name", None) or ""
+        latest = None
+        for seg in sorted(due):
+            history = self._flows[seg]
+            step = history.latest_step
+            if step is None or self._flow_drawn.get(seg) == step:
+                continue
+            self._flow_drawn[seg] = latest = step
+            what = "micro-batch gradient" if self.hook == "on_after_backward" else "gradient"
+            label = f"{run} {seg.rstrip('/')}".strip()
+            heat_title = f"log10 {what} L2 norm per layer, steps {history.steps[0] if len(history) else step}-{step}"
+            prof_title = f"{what} L2 norm per layer at step {step} (input side at the left)"
+            if label:
+                heat_title, prof_title = f"{label}: {heat_title}", f"{label}: {prof_title}"
+            _session.log_image(trainer, f"{tag}/{seg}heatmap", flow.heatmap_png(history, title=heat_title), step)
+            _session.log_image(trainer, f"{tag}/{seg}profile", flow.profile_png(history, title=prof_title), step)
+        if latest is not None and self.flow_every_n_steps:
+            self._flow_next = ((latest + 1) // self.flow_every_n_steps + 1) * self.flow_every_n_steps
+
+    @override
+    def custom_scalar_charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
+        """The logger's charts: total norm, first/middle/last layer in log10, and optional families."""
         opt = r"(opt\d+/)?"
-        charts = {
-            "gradient norm, total": ["Multiline", [rf"^grad_norm/{opt}total$"]],
-            "gradient norm per layer": ["Multiline", [rf"^grad_norm/{opt}(?!total$)[^/]+$"]],
+        prefix = "grad_norm_microbatch" if self.hook == "on_after_backward" else "grad_norm"
+        what = "micro-batch gradient" if self.hook == "on_after_backward" else "gradient"
+        which = _first_middle_last(list(next(iter(self._names.values()), ())))
+        where = ", ".join(f"{k} {v}" for k, v in which.items())
+        charts: dict[str, list[Any]] = {
+            f"{what} norm, total": ["Multiline", [rf"^{prefix}/{opt}total$"]],
         }
-        if self.hook == "on_after_backward":
-            charts = {
-                "micro-batch gradient norm, total": ["Multiline", [rf"^grad_norm_microbatch/{opt}total$"]],
-                "micro-batch gradient norm per layer": [
-                    "Multiline",
-                    [rf"^grad_norm_microbatch/{opt}(?!total$)[^/]+$"],
-                ],
-            }
+        if self.group_by != "total":
+            title = f"log10 {what} norm: first, middle, last layer" + (f" ({where})" if where else "")
+            charts[title] = ["Multiline", [rf"^{prefix}_log10/{opt}(first|middle|last)$"]]
         if self.log_max_abs:
             charts["largest |gradient| element"] = ["Multiline", [rf"^grad_max_abs/{opt}total$"]]
         if self.log_param_norms:
-            charts["weight norm per layer"] = ["Multiline", [r"^param_norm/"]]
+            charts["weight norm, total"] = ["Multiline", [rf"^param_norm/{opt}total$"]]
         if self.log_update_ratio:
-            charts["update / weight ratio per layer"] = ["Multiline", [r"^update_ratio/"]]
-        return {"gradguard": charts}
+            charts["log10 update/weight ratio: total, first, middle, last layer"] = [
+                "Multiline",
+                [rf"^update_ratio_log10/{opt}(total|first|middle|last)$"],
+            ]
+        return charts
+
+    def _charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
+        """The whole "gradguard" tab: this logger's charts, then those of the other attached callbacks."""
+        from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper
+
+        charts = self.custom_scalar_charts(trainer)
+        if self.attached(trainer, AdaptiveClipper):
+            charts["clipping: threshold vs pre-clip norm"] = ["Multiline", [r"^clip/(opt\d+/)?(threshold|pre_norm)$"]]
+        for callbacks in _session.session(trainer).attached.values():
+            for callback in callbacks:
+                if callback is not self and not isinstance(callback, GradientNormLogger):
+                    charts.update(callback.custom_scalar_charts(trainer))
+        return charts
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "flows": {seg: history.state_dict() for seg, history in self._flows.items()},
+            "flow_next": self._flow_next,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._flows = {}
+        for seg, saved in state_dict.get("flows", {}).items():
+            history = self._flows[seg] = flow.FlowHistory(self.flow_history)
+            history.load_state_dict(saved)
+        self._flow_next = state_dict.get("flow_next", self._flow_next)
