@@ -15,7 +15,7 @@ STAMP := $(VENV)/.gradguard-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,plots]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -127,7 +127,10 @@ def main() -> None:
             max_steps=args.steps,
             logger=logger,
             log_every_n_steps=10,
-            callbacks=[GradientNormLogger(log_param_norms=True, log_update_ratio=True), alarms.setdefault(name, alarm)],
+            callbacks=[
+                GradientNormLogger(log_param_norms=True, log_update_ratio=True, flow_every_n_steps=100),
+                alarms.setdefault(name, alarm),
+            ],
             enable_progress_bar=False,
             enable_model_summary=False,
             enable_checkpointing=False,
@@ -161,8 +164,10 @@ def main() -> None:
     print(
         f"\nTensorBoard logs: {os.path.abspath(args.logdir)}\n"
         f"Open them with:   .venv/bin/tensorboard --logdir {args.logdir}   (then http://localhost:6006)\n"
-        "Scalars: grad_norm/* (per layer), param_norm/*, update_ratio/*, alarm/*; the 'Custom Scalars' tab\n"
-        "groups them under 'gradguard'."
+        "  Images: grad_flow/heatmap (log10 |grad|, layer x step) and grad_flow/profile (per layer, newest step)\n"
+        "  Custom Scalars ('gradguard'): total norm, first/middle/last layer in log10, update/weight ratio\n"
+        "  Scalars: grad_norm/<layer>, param_norm/*, update_ratio/*, alarm/*; Text: layers in forward order\n"
+        f"Or one HTML page, no server: .venv/bin/python -m lightning_gradguard report {args.logdir}"
     )
 
 
