@@ -510,7 +510,7 @@ class HealthDetector:
         device = stats.norms.device
         if self.config.dead_unit_share is None:
             units = None
-        st = self._ensure_state(stats.grouping.names, len(units.zero) if units is not None else 0, device)
+        st = self._ensure_state(stats.grouping.names, units.num_units if units is not None else 0, device)
         finite = torch.isfinite(stats.max_abs).all()
         if loss_finite is not None:
             finite = finite & loss_finite.to(device)
@@ -647,16 +647,24 @@ class HealthDetector:
 
         A unit's run grows on a step where its row is zero while its weight's gradient is
         not, resets when its row is non-zero, and holds on steps that tell nothing (no
-        gradient, a whole-zero weight gradient, a non-finite step).
+        gradient, a whole-zero weight gradient, a non-finite step). Models with more than
+        :data:`~lightning_gradguard.stats.UNIT_WEIGHTS_PER_STEP` watched weights are looked at
+        in turns, every ``k`` steps: a zero row then counts ``k`` steps, and a unit needs two
+        zero looks in a row at least.
         """
         self._unit_shares = None
         share = self.config.dead_unit_share
-        if units is None or share is None or not len(units.zero):
+        if units is None or share is None or not units.num_units:
             return torch.zeros_like(finite)
         device = finite.device
-        run = torch.where(units.zero, st.unit_run + 1, torch.where(units.nonzero, 0.0, st.unit_run))
-        st.unit_run = torch.where(finite, run, st.unit_run)
-        dead = (st.unit_run >= self.config.dead_patience).float()
+        seg = st.unit_run[units.rows]
+        # a unit looked at every k steps counts k steps per zero look (see stats.UNIT_WEIGHTS_PER_STEP)
+        new = torch.where(units.zero, seg + units.every, torch.where(units.nonzero, 0.0, seg))
+        new = torch.where(finite, new, seg)
+        st.unit_run = torch.cat([st.unit_run[: units.rows.start], new, st.unit_run[units.rows.stop :]])
+        # two looks at least: a unit looked at every k steps is not called dead on a single zero row
+        need = self.config.dead_patience if units.every == 1 else max(self.config.dead_patience, 2 * units.every)
+        dead = (st.unit_run >= need).float()
         key = ("per_group", units.per_group, device)
         per_group = self._present_cache.get(key)  # type: ignore[call-overload]
         if per_group is None:

@@ -360,3 +360,25 @@ def test_markdown_escapes_and_lists_layers_input_side_first():
     assert md.startswith("**vanishing** gradients at step 3: a\\_b \\| c")
     assert md.index("`net.0`") < md.index("`net.2`")
     assert "- use \\*He\\* init" in md
+
+
+def test_many_weights_are_looked_at_in_turns_and_a_unit_needs_two_zero_looks(monkeypatch):
+    from lightning_gradguard import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "UNIT_WEIGHTS_PER_STEP", 2)
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])  # 5 weights: 3 turns of at most 2
+    params = ParamSet.from_module(net)
+    grouping = Grouping.build(params)
+    d = HealthDetector(dead_patience=1, dead_unit_share=0.5)
+    flags, covered = [], []
+    for step in range(7):
+        net.zero_grad()
+        net(torch.randn(8, 4)).sum().backward()
+        net[4].weight.grad[:3] = 0  # the last layer (turn 2) has 3 of 4 units dead
+        units = UnitStats.take(params, grouping, net, torch.device("cpu"), step)
+        assert units.every == 3 and units.num_units == 20
+        covered.append((units.rows.start, units.rows.stop))
+        flags.append(d.update(params_stats(params, grouping), units=units).to_host().dead)
+    assert covered[:3] == [(0, 8), (8, 16), (16, 20)]
+    assert flags == [False, False, False, False, False, True, True]  # from the second zero look of turn 2 (step 5)

@@ -415,7 +415,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         stats = snap.grouped(grouping)
         units = None
         if self.config.dead_unit_share is not None:
-            units = UnitStats.take(snap.params, grouping, pl_module, stats.norms.device)
+            units = UnitStats.take(snap.params, grouping, pl_module, stats.norms.device, trainer.global_step)
         detector = self._detector(opt_idx)
         scaler = _session.grad_scaler(trainer)
         scale = _lightning.current_scale(scaler) if scaler is not None else None
