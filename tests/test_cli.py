@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import textwrap
 
 import pytest
-from helpers import CLIModel, read_scalars
+from helpers import CLIModel, read_accumulator, read_scalars
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_gradguard import GradientNormLogger, VanishExplodeAlarm
+from lightning_gradguard import GradGuard, GradientNormLogger, VanishExplodeAlarm
 
 
 def _write_config(tmp_path, init_args: str) -> str:
@@ -112,3 +114,60 @@ def test_yaml_bad_alarm_value_is_rejected(tmp_path, capsys):
     with pytest.raises((ValueError, SystemExit)) as info:
         LightningCLI(CLIModel, run=False, args=["--config", str(cfg)])
     assert "explode_action" in str(info.value) + capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# the README's command-line example (examples/cli.py, examples/cli_config.yaml)
+# --------------------------------------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def _example_cli():
+    spec = importlib.util.spec_from_file_location("example_cli", os.path.join(EXAMPLES, "cli.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _quiet(tmp_path) -> list[str]:
+    return [
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def test_readme_cli_example_with_its_yaml_trains_and_logs(tmp_path):
+    config = os.path.join(EXAMPLES, "cli_config.yaml")
+    cli = _example_cli().main(["fit", "--config", config, "--trainer.max_steps=20", *_quiet(tmp_path)])
+    kinds = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert {"GradientNormLogger", "VanishExplodeAlarm", "AdaptiveClipper"} <= set(kinds)
+    acc = read_accumulator(cli.trainer.logger.log_dir)
+    assert "grad_flow/heatmap" in acc.Tags()["images"]
+    scalars = read_scalars(cli.trainer.logger.log_dir)
+    assert sorted(scalars["grad_norm/total"]) == sorted(scalars["train/loss"]) == [9, 19]
+    assert "clip/pre_norm" in scalars and "update_ratio_log10/first" in scalars
+
+
+def test_short_class_names_on_the_command_line(tmp_path):
+    args = ["fit", "--trainer.max_steps=4", "--trainer.log_every_n_steps=2", *_quiet(tmp_path)]
+    args += ["--trainer.callbacks+=GradGuard", "--trainer.callbacks.preset=log"]
+    args += ["--trainer.callbacks+=AdaptiveClipper", "--trainer.callbacks.mode=norm", "--trainer.callbacks.max_norm=1"]
+    cli = _example_cli().main(args)
+    guard = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradGuard))
+    assert [type(cb).__name__ for cb in guard.callbacks] == ["GradientNormLogger"]
+    assert sorted(read_scalars(cli.trainer.logger.log_dir)["clip/pre_norm"]) == [1, 3]
+
+
+def test_help_lists_the_choices_and_a_typo_is_a_short_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        _example_cli().main(["fit", "--trainer.callbacks.help", "GradientNormLogger"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "{module,parameter,depth,pattern,total}" in out and "{on_before_optimizer_step,on_after_backward}" in out
+    with pytest.raises(SystemExit) as info:
+        _example_cli().main(["fit", "--trainer.callbacks+=GradientNormLogger", "--trainer.callbacks.hook=on_step"])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "on_step" in err and "on_after_backward" in err and "Traceback" not in err
