@@ -76,7 +76,7 @@ def _layer_order(texts: Iterable[tuple[int, str, str]]) -> dict[str, list[str]]:
     for _, tag, text in texts:
         if tag.startswith(_LAYERS_TAG):
             seg = tag[len(_LAYERS_TAG) :].strip("/")
-            order[f"{seg}/" if seg else ""] = re.findall(r"^\d+\. `([^`]+)`", text, flags=re.MULTILINE)
+            order[f"{seg}/" if seg else ""] = re.findall(r"`([^`]+)`", text.rsplit("\n\n", 1)[-1])
     return order
 
 

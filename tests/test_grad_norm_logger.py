@@ -234,7 +234,7 @@ def test_histograms_and_custom_scalars_layout(tmp_path):
     titles = [chart.title for cat in layout.category for chart in cat.chart]
     assert titles == [
         "gradient norm, total",
-        "log10 gradient norm: first, middle, last layer (first net.0, middle net.2, last net.6)",
+        "log10 gradient norm: first, middle, last layer (names in the Text tab)",
     ]
 
 

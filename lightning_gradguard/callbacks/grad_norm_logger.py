@@ -423,9 +423,13 @@ class GradientNormLogger(GradGuardCallback):
             _session.write_layout(trainer, self._charts(trainer))
         if self.group_by == "total":
             return
-        shown = "\n".join(f"{i + 1}. `{name}`" for i, name in enumerate(names[:500]))
-        more = f"\n\n... and {len(names) - 500} more" if len(names) > 500 else ""
-        text = f"{len(names)} layers (`group_by={self.group_by!r}`), input side first:\n\n{shown}{more}"
+        which = " / ".join(f"**{name}**" for name in _first_middle_last(list(names)).values())
+        shown = " · ".join(f"`{name}`" for name in names[:500])
+        more = f" ... and {len(names) - 500} more" if len(names) > 500 else ""
+        text = (
+            f"**{len(names)} layers** (group_by={self.group_by}), input side first; first / middle / last in the "
+            f"log10 charts: {which}\n\n{shown}{more}"
+        )
         _session.log_text(trainer, f"gradguard/layers{'/' + opt_seg.rstrip('/') if opt_seg else ''}", text, step)
 
     def _draw_flows(self, trainer: pl.Trainer, final: bool = False) -> None:
@@ -460,13 +464,12 @@ class GradientNormLogger(GradGuardCallback):
         opt = r"(opt\d+/)?"
         prefix = "grad_norm_microbatch" if self.hook == "on_after_backward" else "grad_norm"
         what = "micro-batch gradient" if self.hook == "on_after_backward" else "gradient"
-        which = _first_middle_last(list(next(iter(self._names.values()), ())))
-        where = ", ".join(f"{k} {v}" for k, v in which.items())
         charts: dict[str, list[Any]] = {
             f"{what} norm, total": ["Multiline", [rf"^{prefix}/{opt}total$"]],
         }
         if self.group_by != "total":
-            title = f"log10 {what} norm: first, middle, last layer" + (f" ({where})" if where else "")
+            # the title names no layer: TensorBoard merges the layouts of all runs by title
+            title = f"log10 {what} norm: first, middle, last layer (names in the Text tab)"
             charts[title] = ["Multiline", [rf"^{prefix}_log10/{opt}(first|middle|last)$"]]
         if self.log_max_abs:
             charts["largest |gradient| element"] = ["Multiline", [rf"^grad_max_abs/{opt}total$"]]
