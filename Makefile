@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_gradguard tests examples benchmarks
-	$(BIN)/ruff format --check lightning_gradguard tests examples benchmarks
+	$(BIN)/ruff check lightning_gradguard tests examples benchmarks docs
+	$(BIN)/ruff format --check lightning_gradguard tests examples benchmarks docs
 
 test: lint
 	$(BIN)/python -m pytest
