@@ -186,10 +186,11 @@ class DetectorConfig:
         spike_zscore: z-score of log-norm that counts as a spike (``None``: no spike rule).
         spike_min_ratio: a spike must also be this many times the moving level (``None``:
             no such guard).
-        growth_total: geometric growth that counts as exploding: the total norm grew by
-            this factor over consecutive growing steps (two at least) (``None``: off).
-        growth_step: a step counts as growing when the total norm is at least this many
-            times the previous finite step's, > 1.
+        growth_total: geometric growth that counts as exploding: the total norm is this
+            many times the smallest of the last :data:`GROWTH_WINDOW` finite steps
+            (``None``: off).
+        growth_step: ... while rising at least this many times over the previous finite
+            step, > 1.
         ema_alpha: weight of the newest step in the moving mean/variance, in (0, 1).
         warmup_steps: finite steps before the spike rule is armed.
         vanish_ratio: median deepest/shallowest norm ratio that counts as vanishing, > 1
@@ -253,7 +254,10 @@ _SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 
 
 #: The state that does not depend on the layers: kept when the layers or their order change.
-_RUN_SCALARS = ("count", "mean", "var", "overflow_run", "prev_log", "grow_log", "grow_len")
+_RUN_SCALARS = ("count", "mean", "var", "overflow_run", "prev_log", "growth_seen", "total_ring")
+
+#: Finite steps over which geometric growth is measured (the norm against the smallest of them).
+GROWTH_WINDOW = 8
 
 
 @dataclass
@@ -269,8 +273,11 @@ class DetectorState:
         overflow_run: fp16 overflow steps in a row.
         dead_run: per group, all-zero steps in a row.
         prev_log: log(total norm) at the last finite step (NaN before the first).
-        grow_log, grow_len: log-growth and length of the current run of growing steps.
-        group_base: per group, the log-norm at the last finite step before that run.
+        grow_log: log of the total norm over the smallest of the last :data:`GROWTH_WINDOW`
+            finite steps, at the last finite step.
+        growth_seen: finite steps written into the growth rings.
+        total_ring, group_ring: log total norm and per-group log-norms of the last
+            :data:`GROWTH_WINDOW` finite steps (NaN where not written yet).
         unit_run: per watched unit, steps in a row whose gradient row was exactly zero.
     """
 
@@ -284,8 +291,9 @@ class DetectorState:
     dead_run: Tensor
     prev_log: Tensor
     grow_log: Tensor
-    grow_len: Tensor
-    group_base: Tensor
+    growth_seen: Tensor
+    total_ring: Tensor
+    group_ring: Tensor
     unit_run: Tensor
 
     @classmethod
@@ -305,8 +313,9 @@ class DetectorState:
         values["dead_run"] = torch.zeros(num_groups, dtype=torch.float32, device=device)
         values["prev_log"] = torch.full((), math.nan, dtype=torch.float32, device=device)
         values["grow_log"] = torch.zeros((), dtype=torch.float32, device=device)
-        values["grow_len"] = torch.zeros((), dtype=torch.float32, device=device)
-        values["group_base"] = torch.full((num_groups,), math.nan, dtype=torch.float32, device=device)
+        values["growth_seen"] = torch.zeros((), dtype=torch.float32, device=device)
+        values["total_ring"] = torch.full((GROWTH_WINDOW,), math.nan, dtype=torch.float32, device=device)
+        values["group_ring"] = torch.full((GROWTH_WINDOW, num_groups), math.nan, dtype=torch.float32, device=device)
         values["unit_run"] = torch.zeros(num_units, dtype=torch.float32, device=device)
         for name, value in (keep or {}).items():
             if name in values and value.shape == values[name].shape:
@@ -415,11 +424,11 @@ class HealthDetector:
       gradient, in the order the layers run (``Grouping.names``: the forward pass when it
       was traced, else registration order). A median over a window, rather than a run of
       consecutive steps, lets one odd step neither trigger nor reset it.
-    - **exploding** also: geometric growth, when the total norm grew at least
-      ``growth_step``-fold on each of two or more consecutive finite steps and
-      ``growth_total``-fold over them (×10 then ×100: flagged at the second step, before
-      the norm reaches the ceiling or a non-finite value; armed from the second step, no
-      warm-up needed).
+    - **exploding** also: geometric growth, when the total norm is ``growth_total`` times
+      the smallest of the last :data:`GROWTH_WINDOW` finite steps and rose at least
+      ``growth_step``-fold on this step (x10 then x100: flagged at the second step, before
+      the norm reaches the ceiling or a non-finite value; no warm-up needed, fp16 overflow
+      steps in between do not break it).
     - **dead**: a group that has gradients, all exactly zero, for ``dead_patience``
       consecutive finite steps (max |g| is exact, so float32 underflow of a norm cannot
       fake it).
@@ -564,32 +573,38 @@ class HealthDetector:
         return exploding & finite, torch.where(armed, z, torch.full_like(z, math.nan))
 
     def _growing(self, st: DetectorState, stats: GroupedStats, total: Tensor, finite: Tensor) -> Tensor:
-        """Geometric growth: ``growth_step``-fold or more on consecutive steps, ``growth_total``-fold in all.
+        """Geometric growth: ``growth_total`` times the smallest of the last finite steps, rising now.
 
-        Also keeps, per group, the log-norm before the current run of growing steps, so that
-        a finding can name the layers that grew (:meth:`layer_growth`).
+        The total norm is compared with the smallest of the last :data:`GROWTH_WINDOW`
+        finite steps, and the step itself must have risen ``growth_step``-fold: a run that
+        blows up over a few steps (x10, then x100) is flagged at the step that completes
+        x``growth_total``, whatever the non-finite (fp16 overflow) steps in between. The
+        per-group rings let a finding name the layers that grew (:meth:`layer_growth`).
         """
         cfg = self.config
         log_total = torch.log(total.clamp_min(1e-38))
         log_groups = torch.log(stats.norms.clamp_min(1e-38))
-        growing = finite & (log_total - st.prev_log >= math.log(cfg.growth_step))  # NaN before the first step
-        self._layer_growth = log_groups - st.group_base
-        st.grow_log = torch.where(
-            growing, st.grow_log + (log_total - st.prev_log), torch.where(finite, 0.0, st.grow_log)
-        )
-        st.grow_len = torch.where(growing, st.grow_len + 1, torch.where(finite, 0.0, st.grow_len))
-        st.group_base = torch.where(finite & ~growing, log_groups, st.group_base)
+        slot = (st.growth_seen % GROWTH_WINDOW).long().view(1)
+        total_ring = torch.where(finite, st.total_ring.index_copy(0, slot, log_total.view(1)), st.total_ring)
+        group_ring = torch.where(finite, st.group_ring.index_copy(0, slot, log_groups.view(1, -1)), st.group_ring)
+        low, where = torch.where(total_ring.isnan(), math.inf, total_ring).min(0)
+        growth = log_total - low
+        self._layer_growth = log_groups - group_ring[where]
+        rising = log_total - st.prev_log >= math.log(cfg.growth_step)  # False before the first finite step (NaN)
+        st.total_ring, st.group_ring = total_ring, group_ring
+        st.growth_seen = st.growth_seen + finite.float()
+        st.grow_log = torch.where(finite, growth, st.grow_log)
         st.prev_log = torch.where(finite, log_total, st.prev_log)
         if cfg.growth_total is None:
             return torch.zeros_like(finite)
-        return (st.grow_len >= 2) & (st.grow_log >= math.log(cfg.growth_total))
+        return finite & rising & (growth >= math.log(cfg.growth_total))
 
     def growth(self) -> Tensor:
-        """Log of the total norm's growth over the current run of growing steps (0-dim device tensor)."""
+        """Log of the total norm over the smallest of the last finite steps, at the last finite one (0-dim device)."""
         return self._state.grow_log if self._state is not None else torch.zeros(())
 
     def layer_growth(self) -> Tensor:
-        """Per group, log of its norm at the last update over its norm before the run of growing steps (device)."""
+        """Per group, log of its norm at the last update over its norm at the window's smallest step (device)."""
         growth = getattr(self, "_layer_growth", None)
         return growth if growth is not None else torch.zeros(0)
 
@@ -814,9 +829,9 @@ class Evidence:
         scaler_active: an enabled fp16 ``GradScaler`` was in use.
         dead_groups: per group, whether it is dead.
         overflow_run: fp16 overflow steps in a row (``None`` without a scaler).
-        layer_growth: per group, log of its norm over its norm before the current run of
-            growing steps (the previous step's when there is no such run).
-        growth: the total norm over its value before the current run of growing steps.
+        layer_growth: per group, log of its norm over its norm at the smallest of the last
+            :data:`GROWTH_WINDOW` finite steps.
+        growth: the total norm over the smallest of the last finite steps.
         unit_shares: per group, the share of its units that are dead.
         units_per_group: per group, its number of watched units.
     """
@@ -918,8 +933,8 @@ def _exploding_finding(ev: Evidence) -> _Draft:
     spike = math.isfinite(z) and cfg.spike_zscore is not None and z > cfg.spike_zscore
     if spike:
         parts.append(f"a spike {z:.1f} standard deviations above the run's recent log-norm")
-    if ev.growth >= cfg.growth_step:
-        parts.append(f"{ev.growth:.3g}x in a few steps (geometric growth)")
+    if ev.growth >= 10:
+        parts.append(f"{ev.growth:.3g}x the smallest of the last {GROWTH_WINDOW} steps (geometric growth)")
     layers, toward_input = _exploding_layers(ev)
     summary = ", ".join(parts)
     if toward_input:

@@ -73,7 +73,7 @@ def test_spike_needs_both_zscore_and_ratio(jump, spike):
 
 
 def test_spike_rule_waits_for_warmup_but_the_ceiling_does_not():
-    d = HealthDetector(warmup_steps=20, max_norm=1e6)
+    d = HealthDetector(warmup_steps=20, max_norm=1e6, growth_total=None)  # the spike and the ceiling alone
     assert not _flag(d.update(_stats(1.0, 1.0)), "exploding")
     assert not _flag(d.update(_stats(1e5, 1e5)), "exploding")  # a spike, but not armed yet
     assert _flag(d.update(_stats(1e7, 1e7)), "exploding")  # above the ceiling
@@ -146,7 +146,7 @@ def test_a_checkpoint_in_the_saved_format_loads():
     assert math.isfinite(reading.zscore)  # 6 restored finite steps armed the spike rule
     after = d.state_dict()
     assert list(after)[: len(saved)] == list(saved)  # the old keys first, in their order
-    assert set(after) - set(saved) == {"prev_log", "grow_log", "grow_len", "group_base", "unit_run"}
+    assert set(after) - set(saved) == {"prev_log", "grow_log", "growth_seen", "total_ring", "group_ring", "unit_run"}
     assert after["count"] == 7.0 and after["vanish_seen"] == 7.0 and after["dead_run"] == [3.0, 0.0]
     assert after["shallow_ring"][2] == pytest.approx(math.log(1e-38))  # slot 6 % 4 was written
 
@@ -270,6 +270,15 @@ def test_geometric_growth_is_exploding_at_its_second_step_before_any_ceiling_or_
     d = HealthDetector(max_norm=None, growth_total=1e3)
     for norm in (1.0, 1.5, 1.2, 1.9, 1.1, 2.0, 1.0):  # a healthy wobble never accumulates
         assert not _flag(d.update(_stats(norm, norm)), "exploding")
+    d = HealthDetector(max_norm=None, growth_total=1e3)
+    flags = [_flag(d.update(_stats(v, v)), "exploding") for v in (1.0, 1e3, float("inf"), 1e3, 1.5e3)]
+    assert flags == [False, True, False, False, False]  # overflow steps in between neither count nor reset
+    d = HealthDetector(max_norm=None, growth_total=1e3)
+    flags = [_flag(d.update(_stats(v, v)), "exploding") for v in (1.0, 8.0, float("inf"), float("inf"), 64.0, 1e3)]
+    assert flags == [False, False, False, False, False, True]  # x8, two fp16 overflows, x8, x16: 1e3 in all
+    d = HealthDetector(max_norm=None, growth_total=1e3)
+    flags = [_flag(d.update(_stats(v, v)), "exploding") for v in (1.0, 30.0, 30.0, 20.0, 1e3, 1e3)]
+    assert flags == [False, False, False, False, True, False]  # the last step must rise itself
     d = HealthDetector(max_norm=None, growth_total=None)
     assert not any(_flag(d.update(_stats(v, v)), "exploding") for v in (1.0, 10.0, 1e3, 1e5))
 
