@@ -285,15 +285,30 @@ norm_streams = st.lists(
 
 
 def _expected_bounds(
-    value: float, warm: bool, max_norm: float | None, min_norm: float | None, warmup_max_norm: float | None
+    value: float,
+    warm: bool,
+    max_norm: float | None,
+    min_norm: float | None,
+    warmup_max_norm: float | None,
+    early: float = math.inf,
 ) -> float:
+    """The documented threshold: during warm-up ``early`` (warmup_factor x median so far) for ``value``."""
     if warm:
-        return min(b for b in (warmup_max_norm, max_norm, math.inf) if b is not None)
+        value = early
     if min_norm is not None:
         value = max(value, min_norm)
     if max_norm is not None:
         value = min(value, max_norm)
+    if warm and warmup_max_norm is not None:
+        value = min(value, warmup_max_norm)
     return value
+
+
+def _early(history: list[float], factor: float | None) -> float:
+    """``factor`` times the median of ``history`` (float32, as the rule computes it); inf without either."""
+    if factor is None or not history:
+        return math.inf
+    return float(np.float32(np.float32(np.median(history)) * np.float32(factor)))
 
 
 @PROPERTY
@@ -305,14 +320,18 @@ def _expected_bounds(
     max_norm=st.one_of(st.none(), st.floats(1.0, 1e3)),
     min_norm=st.one_of(st.none(), st.floats(1e-3, 1.0)),
     warm_norm=st.one_of(st.none(), st.floats(1e-2, 1e2)),
+    factor=st.one_of(st.none(), st.floats(1.0, 20.0)),
     rejected=st.sets(st.integers(0, 39), max_size=5),
 )
-def test_percentile_threshold_matches_numpy(norms, percentile, window, warmup, max_norm, min_norm, warm_norm, rejected):
+def test_percentile_threshold_matches_numpy(
+    norms, percentile, window, warmup, max_norm, min_norm, warm_norm, factor, rejected
+):
     rule = PercentileThreshold(
         percentile=percentile,
         window=window,
         warmup_steps=warmup,
         warmup_max_norm=warm_norm,
+        warmup_factor=factor,
         max_norm=max_norm,
         min_norm=min_norm,
     )
@@ -320,12 +339,13 @@ def test_percentile_threshold_matches_numpy(norms, percentile, window, warmup, m
     for i, x in enumerate(norms):
         got = rule.threshold().item()
         raw = np.percentile(history[-window:], percentile) if history else math.inf
-        want = _expected_bounds(float(raw), len(history) < warmup, max_norm, min_norm, warm_norm)
+        early = _early(history[-window:], factor)
+        want = _expected_bounds(float(raw), len(history) < warmup, max_norm, min_norm, warm_norm, early)
         want = float(np.float32(want))
         if math.isinf(want):
             assert math.isinf(got), f"step {i}: {got} != inf"
         else:
-            assert got == pytest.approx(want, rel=2e-6), f"step {i}: history {history[-window:]}"
+            assert got == pytest.approx(want, rel=4e-6), f"step {i}: history {history[-window:]}"
         accept = i not in rejected
         rule.observe(torch.tensor(x), torch.tensor(accept))
         if accept and math.isfinite(x):
@@ -343,17 +363,19 @@ def test_percentile_threshold_matches_numpy(norms, percentile, window, warmup, m
     max_norm=st.one_of(st.none(), st.floats(1.0, 1e3)),
     min_norm=st.one_of(st.none(), st.floats(1e-3, 1.0)),
     warm_norm=st.one_of(st.none(), st.floats(1e-2, 1e2)),
+    factor=st.one_of(st.none(), st.floats(1.0, 20.0)),
 )
-def test_zscore_threshold_follows_the_documented_rule(norms, z, decay, warmup, max_norm, min_norm, warm_norm):
+def test_zscore_threshold_follows_the_documented_rule(norms, z, decay, warmup, max_norm, min_norm, warm_norm, factor):
     rule = ZScoreThreshold(
         z_threshold=z,
         ema_decay=decay,
         warmup_steps=warmup,
         warmup_max_norm=warm_norm,
+        warmup_factor=factor,
         max_norm=max_norm,
         min_norm=min_norm,
     )
-    reference = ZScoreReference(z, decay, warmup, max_norm, min_norm, warm_norm)
+    reference = ZScoreReference(z, decay, warmup, max_norm, min_norm, warm_norm, factor)
     for i, x in enumerate(norms):
         got = rule.threshold().item()
         want = reference.threshold()
@@ -370,8 +392,8 @@ def test_zscore_threshold_follows_the_documented_rule(norms, z, decay, warmup, m
 class ZScoreReference:
     """The rule documented in ``ZScoreThreshold``, written out in float64 Python."""
 
-    def __init__(self, z, decay, warmup=0, max_norm=None, min_norm=None, warmup_max_norm=None):
-        self.z, self.decay, self.warmup = z, decay, warmup
+    def __init__(self, z, decay, warmup=0, max_norm=None, min_norm=None, warmup_max_norm=None, warmup_factor=None):
+        self.z, self.decay, self.warmup, self.factor = z, decay, warmup, warmup_factor
         self.bounds = dict(max_norm=max_norm, min_norm=min_norm, warmup_max_norm=warmup_max_norm)
         self.k = max(warmup, 2)
         self.n, self.mean, self.var, self.start = 0, 0.0, 0.0, []
@@ -380,14 +402,15 @@ class ZScoreReference:
         center = float(np.median(self.start))
         return center, 1.4826 * float(np.median(np.abs(np.array(self.start) - center)))
 
-    def learned(self) -> float:
+    def bound(self) -> float:
+        """The learned value with its floor, no ceiling: what a norm is winsorized at."""
         raw = math.inf if self.n < self.k else self.mean + self.z * math.sqrt(self.var)
-        return _expected_bounds(raw, False, self.bounds["max_norm"], self.bounds["min_norm"], None)
+        return _expected_bounds(raw, False, None, self.bounds["min_norm"], None)
 
     def threshold(self) -> float:
-        if self.n < self.warmup:
-            return _expected_bounds(math.nan, True, self.bounds["max_norm"], None, self.bounds["warmup_max_norm"])
-        return self.learned()
+        warm = self.n < self.warmup
+        early = _early(self.start, self.factor) if warm else math.inf
+        return _expected_bounds(self.bound(), warm, **self.bounds, early=early)
 
     def observe(self, x: float) -> None:
         if not math.isfinite(x):
@@ -400,7 +423,7 @@ class ZScoreReference:
                 self.mean, spread = self._robust()
                 self.var = spread * spread
             return
-        entered = min(x, self.learned())
+        entered = min(x, self.bound())
         self.n += 1
         a = max(1.0 / self.n, 1.0 - self.decay)
         d = entered - self.mean

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,13 +29,18 @@ class _OptState:
 
     steps: int = 0  # optimizer steps seen
     skipped_steps: int = 0
+    over_streak: int = 0  # steps in a row above skip_factor x bound, up to the last one
+    skips_refused: int = 0  # of those, clipped rather than skipped (skip_limit reached)
     interval_steps: int = 0  # steps since the last logged one
     interval_clipped: Tensor | int = 0  # of which clipped (device tensor between logs)
     last: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 #: the counters of :class:`_OptState` saved in checkpoints
-_COUNTERS = ("steps", "skipped_steps", "interval_steps", "interval_clipped")
+_COUNTERS = ("steps", "skipped_steps", "over_streak", "skips_refused", "interval_steps", "interval_clipped")
+
+#: the names ``mode`` accepts (a ``Literal``, so that LightningCLI's ``--help`` lists them)
+Mode = Literal["norm", "value", "percentile", "zscore", "agc"]
 
 
 class AdaptiveClipper(GradGuardCallback):
@@ -168,13 +173,15 @@ class AdaptiveClipper(GradGuardCallback):
     agc_exclude: list[str] | None
     warmup_steps: int | None
     warmup_max_norm: float | None
+    warmup_factor: float | None
     min_norm: float | None
     skip_factor: float | None
+    skip_limit: int | None
 
     def __init__(
         self,
         *,
-        mode: str = "zscore",
+        mode: Mode = "zscore",
         max_norm: float | None = None,
         clip_value: float | None = None,
         percentile: float | None = None,
@@ -186,8 +193,10 @@ class AdaptiveClipper(GradGuardCallback):
         agc_exclude: Sequence[str] | None = None,
         warmup_steps: int | None = None,
         warmup_max_norm: float | None = None,
+        warmup_factor: float | None = None,
         min_norm: float | None = None,
         skip_factor: float | None = None,
+        skip_limit: int | None = None,
         log_every_n_steps: int | None = None,
     ) -> None:
         given = {
@@ -202,8 +211,10 @@ class AdaptiveClipper(GradGuardCallback):
             "agc_exclude": agc_exclude,
             "warmup_steps": warmup_steps,
             "warmup_max_norm": warmup_max_norm,
+            "warmup_factor": warmup_factor,
             "min_norm": min_norm,
             "skip_factor": skip_factor,
+            "skip_limit": skip_limit,
         }
         self._mode = MODES[_validation.choice("mode", mode, tuple(MODES))](**given)
         super().__init__(log_every_n_steps=log_every_n_steps)
@@ -211,6 +222,7 @@ class AdaptiveClipper(GradGuardCallback):
         for name in given:
             setattr(self, name, self._mode.settings.get(name))
         self._opt: dict[int, _OptState] = {}
+        self._warned_refusal = False
 
     # ------------------------------------------------------------------ identity
 
@@ -297,6 +309,7 @@ class AdaptiveClipper(GradGuardCallback):
             count=state.steps,
             measure=log_now,
             agree=lambda skip: trainer.strategy.reduce_boolean_decision(skip, all=False),
+            over_streak=state.over_streak,
         )
         result = self._mode.apply(step)
         for message in result.warnings:
@@ -304,9 +317,27 @@ class AdaptiveClipper(GradGuardCallback):
         if result.skipped:
             _session.drop_gradients(optimizer)
             state.skipped_steps += 1
+        elif result.over_skip:
+            state.skips_refused += 1
+            self._warn_refusal(trainer, idx, state)
+        state.over_streak = state.over_streak + 1 if result.over_skip else 0
         self._record(state, step, result)
         if log_now:
             self._log(trainer, idx, state, result.extra)
+
+    def _warn_refusal(self, trainer: pl.Trainer, idx: int, state: _OptState) -> None:
+        """Say once that skipping stopped: ``skip_limit`` outliers in a row are a new regime, not a spike."""
+        if self._warned_refusal:
+            return
+        self._warned_refusal = True
+        opt = f" of optimizer {idx}" if len(trainer.optimizers) > 1 else ""
+        rank_zero_warn(
+            f"[gradguard] AdaptiveClipper: {state.over_streak} steps{opt} in a row had a gradient norm above "
+            f"skip_factor={self.skip_factor!r} times the run's usual bound and were skipped; from global step "
+            f"{trainer.global_step} such steps are clipped instead of skipped (skip_limit={self.skip_limit!r}) until "
+            "one is back below the bound, so that a lasting change of scale cannot stop training. The count is "
+            "logged as `clip/skips_refused`. This note is shown once."
+        )
 
     def _record(self, state: _OptState, step: Step, result: ClipResult) -> None:
         state.interval_clipped = state.interval_clipped + result.clipped.to(torch.int64)
@@ -332,6 +363,8 @@ class AdaptiveClipper(GradGuardCallback):
         metrics[f"clip/{seg}clipped_fraction"] = host[-1] / max(state.interval_steps, 1)
         if self._mode.accepts("skip_factor"):
             metrics[f"clip/{seg}skipped_steps"] = float(state.skipped_steps)
+            if self.skip_factor is not None:
+                metrics[f"clip/{seg}skips_refused"] = float(state.skips_refused)
         state.interval_steps = 0
         state.interval_clipped = 0
         _session.log_metrics(trainer, metrics, trainer.global_step)
@@ -366,6 +399,11 @@ class AdaptiveClipper(GradGuardCallback):
     def skipped_steps(self) -> int:
         """Steps skipped by ``skip_factor`` so far, over all optimizers."""
         return sum(s.skipped_steps for s in self._opt.values())
+
+    @property
+    def skips_refused(self) -> int:
+        """Steps above ``skip_factor`` that were clipped instead, ``skip_limit`` having been reached."""
+        return sum(s.skips_refused for s in self._opt.values())
 
     # ------------------------------------------------------------------ checkpointing
 

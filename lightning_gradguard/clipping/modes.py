@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -35,6 +36,7 @@ from lightning_gradguard.clipping.thresholds import (
     LearnedThreshold,
     PercentileThreshold,
     ZScoreThreshold,
+    ceiling,
     check_norm_bounds,
 )
 from lightning_gradguard.stats import GradSnapshot, ParamSet, tensor_stats, total_norm
@@ -103,13 +105,31 @@ def _patterns(name: str, value: Any) -> list[str] | None:
     return None if value is None else list(value)
 
 
-MAX_NORM = Arg("max_norm", _bound(0.0))
+#: the learned modes' ceiling: never a weaker clip than ``Trainer(gradient_clip_val=1.0)``
+DEFAULT_MAX_NORM = 1.0
+#: during warm-up, the threshold is at most this many times the median of the norms seen so far
+DEFAULT_WARMUP_FACTOR = 10.0
+#: at most this many steps in a row are skipped by ``skip_factor``; the next ones are clipped
+DEFAULT_SKIP_LIMIT = 3
+
+MAX_NORM = Arg("max_norm", ceiling)  # math.inf: no ceiling, where None means the default
 WARMUP_STEPS = Arg("warmup_steps", _count(0))
 WARMUP_MAX_NORM = Arg("warmup_max_norm", _bound(0.0))
+WARMUP_FACTOR = Arg("warmup_factor", _bound(0.0))
 MIN_NORM = Arg("min_norm", _bound(0.0))
 SKIP_FACTOR = Arg("skip_factor", _bound(1.0))
-#: what the learned modes take besides their statistics, in this order
-LEARNED_ARGS = (WARMUP_STEPS.with_default(25), WARMUP_MAX_NORM, MAX_NORM, MIN_NORM, SKIP_FACTOR)
+SKIP_LIMIT = Arg("skip_limit", _count(1))
+#: what the learned modes take besides their statistics, in this order, with their defaults
+#: (chosen on benchmarks/bench_clipping_tasks.py; README "Does it help?")
+LEARNED_ARGS = (
+    WARMUP_STEPS.with_default(25),
+    WARMUP_MAX_NORM,
+    WARMUP_FACTOR.with_default(DEFAULT_WARMUP_FACTOR),
+    MAX_NORM.with_default(DEFAULT_MAX_NORM),
+    MIN_NORM,
+    SKIP_FACTOR,
+    SKIP_LIMIT.with_default(DEFAULT_SKIP_LIMIT),
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -130,6 +150,8 @@ class Step:
         measure: whether the norm after clipping is wanted (a logging step), where it
             costs a second pass.
         agree: turns this rank's decision to skip into the decision of every rank.
+        over_streak: how many steps in a row, just before this one, were above
+            ``skip_factor`` times the bound (skipped, or clipped once ``skip_limit`` was reached).
     """
 
     snap: GradSnapshot
@@ -139,6 +161,7 @@ class Step:
     count: int = 1
     measure: bool = True
     agree: Callable[[bool], bool] = bool
+    over_streak: int = 0
 
     @classmethod
     def of(cls, snap: GradSnapshot, **kwargs: Any) -> Step:
@@ -164,6 +187,8 @@ class ClipResult:
         coef: post-clip norm / pre-clip norm (0 on a skipped step), or ``None`` when unknown.
         post: the total norm after clipping, or ``None`` when not measured.
         skipped: the step is to be skipped (its gradients dropped by the caller).
+        over_skip: the step was above ``skip_factor`` times the bound (skipped, or clipped
+            because ``skip_limit`` steps in a row were skipped already).
         extra: more metrics to log, by name (``clipped_units``).
         warnings: messages for the user (once each).
     """
@@ -173,6 +198,7 @@ class ClipResult:
     coef: Tensor | None = None
     post: Tensor | None = None
     skipped: bool = False
+    over_skip: bool = False
     extra: dict[str, Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -334,7 +360,7 @@ class _LearnedMode(ClipMode):
         """The threshold of optimizer ``index`` on ``device``, created (from a restored state) when needed."""
         rule = self._rules.get(index)
         if rule is None:
-            kwargs = {k: v for k, v in self.settings.items() if k != "skip_factor"}
+            kwargs = {k: v for k, v in self.settings.items() if k not in ("skip_factor", "skip_limit")}
             rule = self._rules[index] = self.rule_class(**kwargs, device=device)
             restored = self._restored.pop(index, None)
             if restored is not None:
@@ -344,17 +370,28 @@ class _LearnedMode(ClipMode):
         return rule
 
     def apply(self, step: Step) -> ClipResult:
+        """Clip to the threshold; with ``skip_factor``, skip an outlier instead, ``skip_limit`` steps in a row at most.
+
+        The outlier test compares the norm with the rule's :meth:`~LearnedThreshold.bound`
+        (the run's own scale, without ``max_norm``), so that a ceiling below the run's
+        ordinary norms does not turn every step into a skip. Past ``skip_limit`` outliers
+        in a row the regime has changed rather than spiked: the steps are clipped (and
+        learned from) until one is back below the bound.
+        """
         rule = self.rule(step.index, step.pre.device)
         threshold = rule.threshold()
         coef = clip_coefficient(step.pre, threshold)
-        skip_factor = self.settings["skip_factor"]
-        if skip_factor is not None and step.agree(bool(step.finite & (step.pre > skip_factor * threshold))):
+        s = self.settings
+        over = s["skip_factor"] is not None and step.agree(
+            bool(step.finite & (step.pre > s["skip_factor"] * rule.bound()))
+        )
+        if over and step.over_streak < s["skip_limit"]:
             rule.observe(step.pre, torch.zeros((), dtype=torch.bool, device=step.pre.device))
             never = torch.zeros((), dtype=torch.bool, device=step.pre.device)
-            return ClipResult.of(step, threshold, never, coef=torch.zeros_like(coef), skipped=True)
+            return ClipResult.of(step, threshold, never, coef=torch.zeros_like(coef), skipped=True, over_skip=True)
         scale_(step.grads, coef)
         rule.observe(step.pre, step.finite)
-        return ClipResult.of(step, threshold, coef < 1, coef=coef)
+        return ClipResult.of(step, threshold, coef < 1, coef=coef, over_skip=over)
 
     def threshold_rule(self, index: int) -> LearnedThreshold | None:
         return self._rules.get(index)
@@ -432,7 +469,7 @@ class AgcMode(ClipMode):
     def apply(self, step: Step) -> ClipResult:
         s = self.settings
         warm = step.count <= (s["warmup_steps"] or 0)
-        threshold = s["max_norm"]
+        threshold = s["max_norm"] if s["max_norm"] != math.inf else None
         if warm and s["warmup_max_norm"] is not None:
             threshold = min(s["warmup_max_norm"], s["max_norm"] or s["warmup_max_norm"])
         clipped = torch.zeros((), dtype=torch.bool, device=step.pre.device)

@@ -37,6 +37,20 @@ __all__ = [
 ]
 
 
+def ceiling(name: str, value: Any) -> float | None:
+    """A ceiling such as ``max_norm``: a finite number > 0, or ``math.inf`` (no ceiling), or ``None``.
+
+    ``inf`` is how a caller says "no ceiling" where ``None`` already means "the default".
+
+    Example:
+        >>> ceiling("max_norm", 2), ceiling("max_norm", float("inf"))
+        (2.0, inf)
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == math.inf:
+        return math.inf
+    return _validation.number(name, value, low=0.0, allow_none=True)
+
+
 def check_norm_bounds(min_norm: float | None, max_norm: float | None) -> None:
     """Raise ``ValueError`` when the floor ``min_norm`` exceeds the ceiling ``max_norm`` (either may be ``None``)."""
     if max_norm is not None and min_norm is not None and min_norm > max_norm:
@@ -48,6 +62,7 @@ class Bounds(TypedDict, total=False):
 
     warmup_steps: int
     warmup_max_norm: float | None
+    warmup_factor: float | None
     max_norm: float | None
     min_norm: float | None
     device: torch.device | str | None
@@ -83,14 +98,18 @@ class LearnedThreshold:
     Subclasses keep a statistic of past norms (:meth:`raw`) and decide what enters it
     (:meth:`observe`). This class adds what every learned rule needs:
 
-    - **warm-up**: while fewer than ``warmup_steps`` norms were observed, the threshold is
-      ``warmup_max_norm`` (a fixed ceiling), or infinite (no clipping) when that is ``None``;
-      the statistics learn from the raw norms meanwhile;
+    - **warm-up**: while fewer than ``warmup_steps`` norms were observed, the statistic is
+      not trusted yet; the threshold is then ``warmup_factor`` times the median of the
+      norms observed so far (:meth:`early`; infinite before the first one, or when
+      ``warmup_factor`` is ``None``), and at most ``warmup_max_norm``; the statistics learn
+      from the raw norms meanwhile;
     - **floor**: the threshold never goes below ``min_norm``;
-    - **ceiling**: the threshold never goes above ``max_norm``.
+    - **ceiling**: the threshold never goes above ``max_norm`` (``inf``: no ceiling).
 
-    So during warm-up ``threshold = min(warmup_max_norm, max_norm)`` and afterwards
-    ``threshold = min(max(raw, min_norm), max_norm)`` (a ``None`` bound is left out).
+    So :meth:`bound`, the rule's judgement of what is an outlier for this run, is
+    ``max(warmup_factor * early, min_norm)`` during warm-up and ``max(raw, min_norm)``
+    afterwards, and :meth:`threshold` is ``bound`` capped by ``max_norm`` (and, during
+    warm-up, by ``warmup_max_norm``); a ``None`` bound is left out.
 
     The state is a few tensors on one device (created on ``device``, moved by
     :meth:`to`); :meth:`state_dict` returns CPU copies and :meth:`load_state_dict` copies
@@ -98,8 +117,10 @@ class LearnedThreshold:
 
     Args:
         warmup_steps: observed norms needed before the learned value is used, >= 0.
-        warmup_max_norm: the threshold during warm-up, or ``None`` (no clipping then).
-        max_norm: absolute ceiling, at all times, or ``None``.
+        warmup_max_norm: a ceiling during warm-up, or ``None``.
+        warmup_factor: during warm-up, the threshold is at most this many times the median
+            of the norms observed so far; ``None``: no such bound.
+        max_norm: absolute ceiling, at all times, or ``None``/``inf``.
         min_norm: floor, or ``None``.
         device: where the state lives.
     """
@@ -109,6 +130,7 @@ class LearnedThreshold:
         *,
         warmup_steps: int = 0,
         warmup_max_norm: float | None = None,
+        warmup_factor: float | None = None,
         max_norm: float | None = None,
         min_norm: float | None = None,
         device: torch.device | str | None = None,
@@ -116,7 +138,8 @@ class LearnedThreshold:
         # warmup_steps sizes ZScoreThreshold's buffer of first norms
         self.warmup_steps = _validation.integer("warmup_steps", warmup_steps, low=0, high=_validation.MAX_WINDOW)
         self.warmup_max_norm = _validation.number("warmup_max_norm", warmup_max_norm, low=0.0, allow_none=True)
-        self.max_norm = _validation.number("max_norm", max_norm, low=0.0, allow_none=True)
+        self.warmup_factor = _validation.number("warmup_factor", warmup_factor, low=0.0, allow_none=True)
+        self.max_norm = ceiling("max_norm", max_norm)
         self.min_norm = _validation.number("min_norm", min_norm, low=0.0, allow_none=True)
         check_norm_bounds(self.min_norm, self.max_norm)
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -143,6 +166,10 @@ class LearnedThreshold:
         """
         raise NotImplementedError
 
+    def early(self) -> Tensor:
+        """The median of the norms observed so far, for the warm-up (0-dim float32; ``inf`` before any)."""
+        raise NotImplementedError
+
     def _tensors(self) -> dict[str, Tensor]:
         return {"seen": self.seen}
 
@@ -161,13 +188,31 @@ class LearnedThreshold:
             value = value.clamp(max=self.max_norm)
         return value
 
+    def bound(self) -> Tensor:
+        """What this run's own norms say is an outlier, without the fixed ceilings (0-dim float32).
+
+        After warm-up ``max(raw, min_norm)``; during warm-up ``warmup_factor`` times the
+        median of the norms seen so far (``inf`` before the first, or without
+        ``warmup_factor``), floored at ``min_norm``. ``skip_factor`` is judged against it.
+        """
+        value = self.raw()
+        if self.warmup_steps and self.seen_at_least < self.warmup_steps:
+            if self.warmup_factor is None:
+                early = torch.full_like(value, math.inf)
+            else:
+                early = self.early() * self.warmup_factor
+            value = torch.where(self.in_warmup(), early, value)
+        if self.min_norm is not None:
+            value = value.clamp(min=self.min_norm)
+        return value
+
     def threshold(self) -> Tensor:
         """The threshold in force for the next step (0-dim float32 device tensor)."""
-        value = self.learned()
-        if self.warmup_steps:
-            bounds = [b for b in (self.warmup_max_norm, self.max_norm) if b is not None]
-            warm = torch.full_like(value, min(bounds, default=math.inf))
-            value = torch.where(self.in_warmup(), warm, value)
+        value = self.bound()
+        if self.max_norm is not None:
+            value = value.clamp(max=self.max_norm)
+        if self.warmup_steps and self.warmup_max_norm is not None and self.seen_at_least < self.warmup_steps:
+            value = torch.where(self.in_warmup(), value.clamp(max=self.warmup_max_norm), value)
         return value
 
     def note_seen(self, seen: int) -> None:
@@ -225,8 +270,8 @@ class PercentileThreshold(LearnedThreshold):
     Args:
         percentile: p in (0, 100]; 100 is the largest recent norm.
         window: ring-buffer size, >= 1.
-        **bounds: ``warmup_steps``, ``warmup_max_norm``, ``max_norm``, ``min_norm``, ``device``: see
-            :class:`LearnedThreshold`.
+        **bounds: ``warmup_steps``, ``warmup_max_norm``, ``warmup_factor``, ``max_norm``, ``min_norm``,
+            ``device``: see :class:`LearnedThreshold`.
 
     Example:
         >>> rule = PercentileThreshold(percentile=50.0, window=3)
@@ -257,6 +302,9 @@ class PercentileThreshold(LearnedThreshold):
     def raw(self) -> Tensor:
         return filled_percentile(self.buffer, self.seen.clamp(max=self.window), self.percentile)
 
+    def early(self) -> Tensor:
+        return filled_percentile(self.buffer, self.seen.clamp(max=self.window), 50.0)
+
     def observe(self, norm: Tensor, accept: Tensor) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32).reshape(1)
         ok = (accept.to(self.device) & torch.isfinite(norm)).reshape(1)
@@ -279,11 +327,13 @@ class ZScoreThreshold(LearnedThreshold):
     2. **Threshold.** After the start, the learned threshold is
        ``mean + z_threshold * sqrt(var)`` of the norms *before* the step, then floor,
        ceiling and warm-up as in :class:`LearnedThreshold` (before the start is complete
-       there is no learned value: the threshold is the warm-up one, or infinite). A norm
+       there is no learned value: the threshold is the warm-up one). A norm
        above the threshold is scaled down to exactly the threshold; unlike ZClip's
        default ``adaptive_scaling``, larger outliers are not pulled further down.
-    3. **Update.** The norm *winsorized* at the learned threshold,
-       ``x = min(norm, threshold)``, enters an exponentially weighted mean and variance::
+    3. **Update.** The norm *winsorized* at the learned threshold before any ceiling,
+       ``x = min(norm, max(mean + z_threshold * sqrt(var), min_norm))``, enters an
+       exponentially weighted mean and variance (``max_norm`` bounds the clipping, not
+       what the statistics learn: they follow the run's own scale under the ceiling)::
 
            n = number of norms that entered so far, this one included
            a = max(1 / n, 1 - ema_decay)
@@ -302,8 +352,8 @@ class ZScoreThreshold(LearnedThreshold):
     Args:
         z_threshold: z, the number of standard deviations tolerated, > 0.
         ema_decay: decay of the moving averages, in (0, 1) (ZClip's ``alpha``).
-        **bounds: ``warmup_steps``, ``warmup_max_norm``, ``max_norm``, ``min_norm``, ``device``: see
-            :class:`LearnedThreshold`.
+        **bounds: ``warmup_steps``, ``warmup_max_norm``, ``warmup_factor``, ``max_norm``, ``min_norm``,
+            ``device``: see :class:`LearnedThreshold`.
 
     Example:
         >>> rule = ZScoreThreshold(z_threshold=2.0, warmup_steps=3)
@@ -365,6 +415,9 @@ class ZScoreThreshold(LearnedThreshold):
         spread = self.MAD_SCALE * filled_percentile(deviation, count, 50.0)
         return center, spread
 
+    def early(self) -> Tensor:
+        return filled_percentile(self.start, self.seen.clamp(max=self.start_size), 50.0)
+
     def raw(self) -> Tensor:
         value = self.mean + self.z_threshold * self.var.sqrt()
         return torch.where(self.seen >= self.start_size, value, torch.full_like(value, math.inf))
@@ -373,7 +426,7 @@ class ZScoreThreshold(LearnedThreshold):
         norm = norm.to(device=self.device, dtype=torch.float32)
         ok = accept.to(self.device) & torch.isfinite(norm)
         if self.seen_at_least >= self.start_size:  # known on the host: the start is over
-            x = torch.minimum(norm, self.learned())
+            x = torch.minimum(norm, self.bound())
             weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
             d = x - self.mean
             mean = self.mean + weight * d
@@ -392,7 +445,7 @@ class ZScoreThreshold(LearnedThreshold):
         center, spread = self._robust(start, (self.seen + 1).clamp(max=self.start_size))
         complete = starting & (self.seen + 1 == self.start_size)
         # 3. update with the winsorized norm
-        x = torch.minimum(norm, self.learned())
+        x = torch.minimum(norm, self.bound())
         weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
         d = x - self.mean
         mean = torch.where(starting, torch.where(complete, center, self.mean), self.mean + weight * d)
