@@ -567,10 +567,10 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_case(case: Case, seed: int) -> Run:
+def run_case(case: Case, seed: int, **alarm_args: Any) -> Run:
     pl.seed_everything(seed, verbose=False)
     task, data = case.build(seed)
-    alarm = VanishExplodeAlarm()
+    alarm = VanishExplodeAlarm(**alarm_args)
     rec = Recorder(alarm)
     plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if case.fp16 else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -600,8 +600,9 @@ def run_case(case: Case, seed: int) -> Run:
         first=dict(alarm.first_step),
         layers=[n for n, _ in finding.layers[:3]] if finding else [],
         toward_input=finding.toward_input if finding is not None and expected == "exploding" else None,
-        # under fp16 an overflow step is routine (the scaler skips it): the failure is the alarm's persistent one
-        first_nonfinite=alarm.first_step["nonfinite"] if case.fp16 else rec.first_nonfinite,
+        # the alarm's own non-finite report: a NaN/Inf gradient or loss (the recorder sees gradients only); under
+        # fp16 an overflow step is routine (the scaler skips it) and the failure is the persistent one
+        first_nonfinite=alarm.first_step["nonfinite"],
         naive=rec.naive,
         max_unit_share=rec.max_unit_share,
         max_growth=rec.max_growth,
@@ -666,7 +667,7 @@ def table(runs: list[dict[str, Any]]) -> str:
             if expected == "exploding"
             else "—"
         )
-        naive_allowed = {expected} if expected else set()
+        naive_allowed = {expected, "vanishing"} if expected else set()
         naive_false = sum(bool({k for k, v in r["naive"].items() if v is not None} - naive_allowed) for r in rs)
         rows.append(
             f"| {name}{' *' if case and case.reg_ne_exec else ''} | {expected or 'healthy'} | {len(rs)} | "
@@ -703,6 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--report", type=Path, default=None, help="print the tables of a saved --json run")
+    parser.add_argument("--dead-patience", type=int, default=None, help="the alarm's dead_patience (default: its own)")
     args = parser.parse_args(argv)
     if args.report is not None:
         runs = json.loads(args.report.read_text())["runs"]
@@ -715,7 +717,8 @@ def main(argv: list[str] | None = None) -> None:
             if wanted is not None and case.name not in wanted:
                 continue
             for seed in range(args.seeds):
-                r = run_case(case, seed)
+                extra = {} if args.dead_patience is None else {"dead_patience": args.dead_patience}
+                r = run_case(case, seed, **extra)
                 runs.append(r.__dict__)
                 print(
                     f"{case.name:32s} seed {seed}: flagged {_flagged(r.first)} first {r.first} nonfinite "
