@@ -834,6 +834,8 @@ class Evidence:
         growth: the total norm over the smallest of the last finite steps.
         unit_shares: per group, the share of its units that are dead.
         units_per_group: per group, its number of watched units.
+        ordered_by: how the groups are ordered (``Grouping.ordered_by``: ``"untraced"``
+            when the forward pass was looked for and could not be traced).
     """
 
     host: HostStats
@@ -847,6 +849,7 @@ class Evidence:
     growth: float = 1.0
     unit_shares: tuple[float, ...] = ()
     units_per_group: tuple[int, ...] = ()
+    ordered_by: str = "forward"
 
     @classmethod
     def collect(
@@ -881,6 +884,7 @@ class Evidence:
             growth=math.exp(total_growth) if math.isfinite(total_growth) else 1.0,
             unit_shares=tuple(shares),
             units_per_group=units.per_group if units is not None else (),
+            ordered_by=stats.grouping.ordered_by,
         )
 
     @property
@@ -1031,10 +1035,13 @@ def build_finding(kind: str, step: int, evidence: Evidence, *, model: nn.Module 
     if builder is None:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     draft = builder(evidence)
+    summary = draft.summary
+    if kind in ("vanishing", "exploding") and evidence.ordered_by == "untraced":
+        summary += " (layers in registration order: the forward pass could not be traced, so depth is a guess)"
     return Finding(
         kind=kind,
         step=step,
-        summary=draft.summary,
+        summary=summary,
         layers=draft.layers,
         total_norm=evidence.reading.total_norm,
         ratio=draft.ratio,

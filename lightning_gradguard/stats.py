@@ -348,7 +348,11 @@ class Grouping:
             parameter to run), else in registration order.
         index: for each parameter of the set, the position of its group in ``names``.
         members: for each group, the qualified names of its parameters.
-        ordered_by: ``"forward"`` or ``"registration"``.
+        ordered_by: ``"forward"``; ``"registration"`` (no forward order was given or
+            recorded); or ``"untraced"`` (one was looked for, but the graph reached none of
+            the parameters: a loss without a graph, parameters used behind a reentrant
+            checkpoint or another copy of them, as FSDP2's unsharded ones; registration
+            order is kept).
         unplaced: groups none of whose parameters the forward pass reached; they sit
             right after the group registered before them.
     """
@@ -406,7 +410,12 @@ class Grouping:
             members[position[gname]].append(pname)
         order = order if order is not None else params.forward_order
         if order is None or not order.traced or len(order.first_use) != len(params):
-            return cls(names=tuple(names), index=tuple(index), members=tuple(tuple(m) for m in members))
+            return cls(
+                names=tuple(names),
+                index=tuple(index),
+                members=tuple(tuple(m) for m in members),
+                ordered_by="registration" if order is None else "untraced",
+            )
         first: list[int | None] = [None] * len(names)
         for gi, use in zip(index, order.first_use):
             if use is not None and (first[gi] is None or use < first[gi]):  # type: ignore[operator]

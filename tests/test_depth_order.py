@@ -126,8 +126,26 @@ def test_without_a_graph_the_order_is_registration_order():
     order = ForwardOrder.of(loss, params)
     assert not order.traced
     g = Grouping.build(params, order=order)
-    assert g.names == ("decoder", "encoder") and g.ordered_by == "registration"
+    assert g.names == ("decoder", "encoder") and g.ordered_by == "untraced"
+    assert Grouping.build(params).ordered_by == "registration"  # no order looked for
     assert not record_forward_order(params, None)
+
+
+def test_an_untraced_order_is_said_in_the_finding():
+    from lightning_gradguard.diagnosis import Evidence, HealthDetector, build_finding
+    from lightning_gradguard.stats import take_snapshot
+
+    net = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4, 4), nn.Sigmoid())])
+    params = ParamSet.from_module(net)
+    net(torch.randn(8, 4)).sum().backward()
+    with torch.no_grad():
+        untraced = Grouping.build(params, order=ForwardOrder.of(net(torch.randn(2, 4)).sum(), params))
+    d = HealthDetector(patience=1, vanish_ratio=1.0001)
+    stats = take_snapshot(params).grouped(untraced)
+    reading = d.update(stats).to_host()
+    assert reading.vanishing
+    finding = build_finding("vanishing", 0, Evidence.collect(d, stats, reading))
+    assert "registration order: the forward pass could not be traced" in finding.summary
 
 
 def test_head_registered_first_deep_sigmoid_is_caught_in_a_real_fit(tmp_path):
