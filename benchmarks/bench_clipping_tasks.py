@@ -148,6 +148,19 @@ class Regression(Task):
         return TensorDataset(x, self.noise(y, seed)), TensorDataset(xv, yv), (yv**2).mean().item()
 
 
+class Calm(Regression):
+    """``healthy`` at 1/20 of the scale (targets and noise), lr x20: ordinary norms below 1."""
+
+    lr = 0.2
+
+    def teacher(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().teacher(n, seed)
+        return x, y / 20.0
+
+    def noise(self, y: torch.Tensor, seed: int) -> torch.Tensor:
+        return y + 0.015 * torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 7))
+
+
 class HeavyTail(Regression):
     def noise(self, y: torch.Tensor, seed: int) -> torch.Tensor:
         torch.manual_seed(seed + 7)
@@ -166,6 +179,13 @@ class Corrupt(Regression):
 
 
 class Fp16(Regression):
+    overflow_steps = 0
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # runs after the callbacks; a step with inf/NaN gradients is one the scaler will skip
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.overflow_steps += not all(torch.isfinite(g).all() for g in grads)
+
     def precision(self) -> dict[str, Any]:
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=20)
         return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler)]}
@@ -265,6 +285,7 @@ class LanguageModelWarmup(LanguageModel):
 
 TASKS: dict[str, type[Task]] = {
     "healthy": Regression,
+    "calm": Calm,
     "heavy_tail": HeavyTail,
     "corrupt": Corrupt,
     "spikes": Spikes,
@@ -285,7 +306,7 @@ def _clipper(**kwargs: Any) -> Callable[[], dict[str, Any]]:
 
 
 #: the old ``AdaptiveClipper()``: zscore, 25 warm-up steps that clip nothing, no ceiling
-OLD_DEFAULT = dict(mode="zscore", warmup_steps=25, warmup_factor=None, max_norm=math.inf)
+OLD_DEFAULT = dict(mode="zscore", warmup_steps=25, warmup_factor=math.inf, max_norm=math.inf)
 
 SETTINGS: dict[str, Callable[[], dict[str, Any]]] = {
     "none": lambda: {},
@@ -356,6 +377,7 @@ def run(task: str, setting: str, seed: int, steps: int) -> dict[str, Any]:
         "nonfinite_step": bad,
         "diverged": not (final <= baseline),
         "skipped_steps": sum(c.skipped_steps for c in clippers),
+        "overflow_steps": getattr(model, "overflow_steps", 0),
         "seconds": time.perf_counter() - t0,
     }
 

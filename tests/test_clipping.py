@@ -306,9 +306,10 @@ def _expected_bounds(
 
 def _early(history: list[float], factor: float | None) -> float:
     """``factor`` times the median of ``history`` (float32, as the rule computes it); inf without either."""
-    if factor is None or not history:
+    median = np.float32(np.median(history)) if history else np.float32(0.0)
+    if factor is None or factor == math.inf or median <= 0:
         return math.inf
-    return float(np.float32(np.float32(np.median(history)) * np.float32(factor)))
+    return float(np.float32(median * np.float32(factor)))
 
 
 @PROPERTY

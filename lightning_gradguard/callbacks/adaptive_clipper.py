@@ -60,14 +60,29 @@ class AdaptiveClipper(GradGuardCallback):
       ``agc_clipping`` times its weight norm (floored at ``agc_eps``); parameters whose
       name matches a pattern of ``agc_exclude`` (e.g. the final classifier) are left alone.
 
-    Options of the learned modes (``percentile``, ``zscore``): until ``warmup_steps`` norms
-    were recorded the threshold is ``warmup_max_norm`` (``None``: no clipping during warm-up;
-    a model that explodes within its first steps needs a value here); ``max_norm`` is an
-    absolute ceiling at all times; ``min_norm`` is a floor; with ``skip_factor=k`` a step
-    whose norm exceeds ``k`` times the threshold is skipped altogether (its gradients are
-    dropped, so the optimizer does not update, as large language model training does on
-    loss spikes). ``agc`` accepts ``warmup_steps`` (optimizer steps without AGC, clipped to
-    ``warmup_max_norm`` if given) and ``max_norm`` (a total-norm ceiling after AGC).
+    Options of the learned modes (``percentile``, ``zscore``):
+
+    - ``max_norm`` (default 1.0) is an absolute ceiling at all times, so that
+      ``AdaptiveClipper()`` never clips less than ``Trainer(gradient_clip_val=1.0)``; the
+      learned threshold works below it (outliers of a run whose norms are below 1) and the
+      statistics keep learning the run's own scale above it. ``max_norm=math.inf`` removes
+      the ceiling (the threshold then follows the run's scale: better on some runs, worse on
+      explosive ones; README "Does it help?" has the evidence).
+    - Until ``warmup_steps`` norms were recorded (default 25) the statistic is not trusted:
+      the threshold is ``warmup_factor`` (default 10) times the median of the norms seen so
+      far (none before the first), capped by ``warmup_max_norm`` and ``max_norm``. So a
+      corrupted batch at step 3 is clipped even without a ceiling.
+    - ``min_norm`` is a floor.
+    - With ``skip_factor=k`` a step whose norm exceeds ``k`` times the run's own bound (the
+      learned threshold before ``max_norm``) is skipped altogether (its gradients are
+      dropped, as large language model training does on loss spikes); at most
+      ``skip_limit`` (default 3) steps in a row: further outliers in that streak are clipped
+      instead (a lasting change of scale is not a spike), with a warning the first time
+      and the count in ``clip/skips_refused``.
+
+    ``agc`` accepts ``warmup_steps`` (optimizer steps without AGC, clipped to
+    ``warmup_max_norm`` if given) and ``max_norm`` (a total-norm ceiling after AGC; none by
+    default).
 
     Every decision uses the shared gradient snapshot (the unscaled, pre-clip norms the
     other gradguard callbacks see), so the clipper computes no norm of its own, and works
@@ -113,13 +128,16 @@ class AdaptiveClipper(GradGuardCallback):
     ``clip/clipped_fraction``   fraction of the optimizer steps since the previous logged
                                 step (this one included) whose gradients were scaled down
     ``clip/skipped_steps``      steps skipped by ``skip_factor`` so far (learned modes)
+    ``clip/skips_refused``      steps above ``skip_factor`` clipped instead of skipped so far,
+                                ``skip_limit`` having been reached (with ``skip_factor``)
     ``clip/clipped_units``      ``agc``: fraction of this rank's units clipped at this step
     ==========================  ==============================================================
 
     Args:
         mode: ``"norm"``, ``"value"``, ``"percentile"``, ``"zscore"`` (default) or ``"agc"``.
-        max_norm: ``norm``: the ceiling (required). ``percentile``/``zscore``/``agc``: an
-            optional absolute ceiling on the total norm, at all times.
+        max_norm: ``norm``: the ceiling (required). ``percentile``/``zscore``: absolute
+            ceiling on the total norm at all times, default 1.0; ``math.inf``: none. ``agc``:
+            an optional total-norm ceiling after AGC.
         clip_value: ``value``: the bound on every element (required).
         percentile: ``percentile``: p in (0, 100]; default 10 (AutoClip's recommendation).
         window: ``percentile``: number of recent norms kept; default 1000.
@@ -133,10 +151,16 @@ class AdaptiveClipper(GradGuardCallback):
             parameters are not clipped (e.g. ``[r"^classifier\."]``).
         warmup_steps: learned modes: norms recorded before the learned threshold is used
             (default 25); ``agc``: optimizer steps without AGC (default 0).
-        warmup_max_norm: the total-norm threshold during warm-up; ``None``: no clipping then.
+        warmup_max_norm: a total-norm ceiling during warm-up (``agc``: the threshold then);
+            ``None``: none besides ``max_norm``.
+        warmup_factor: learned modes: during warm-up the threshold is at most this many times
+            the median of the norms seen so far; default 10; ``math.inf``: no such bound.
         min_norm: learned modes: floor of the threshold.
         skip_factor: learned modes: skip the step when its norm exceeds ``skip_factor``
-            times the threshold; > 1. Skipped steps do not enter the statistics.
+            times the learned threshold (before ``max_norm``); > 1. Skipped steps do not
+            enter the statistics. Default: never skip.
+        skip_limit: learned modes: at most this many steps in a row are skipped; the next
+            outliers of the streak are clipped (and learned from); default 3.
         log_every_n_steps: logging interval in optimizer steps; ``None``: the Trainer's.
 
     Raises:
@@ -148,14 +172,14 @@ class AdaptiveClipper(GradGuardCallback):
         from lightning.pytorch import Trainer
         from lightning_gradguard import AdaptiveClipper
 
-        # clip outliers above mean + 2.5 std, skip steps 10x above that, never exceed 5.0,
-        # and clip at 1.0 for the first 25 steps, while the statistics warm up
-        trainer = Trainer(
-            callbacks=[AdaptiveClipper(mode="zscore", skip_factor=10.0, max_norm=5.0, warmup_max_norm=1.0)]
-        )
+        # the default: outliers above mean + 2.5 std clipped, never above 1.0, from the first step
+        trainer = Trainer(callbacks=[AdaptiveClipper()])
 
-        # AutoClip: clip to the 10th percentile of the last 1000 norms
-        trainer = Trainer(callbacks=[AdaptiveClipper(mode="percentile", percentile=10.0)])
+        # skip steps 10x above the learned threshold (3 in a row at most), no fixed ceiling
+        trainer = Trainer(callbacks=[AdaptiveClipper(skip_factor=10.0, max_norm=math.inf)])
+
+        # AutoClip: clip to the 10th percentile of the last 1000 norms, no fixed ceiling
+        trainer = Trainer(callbacks=[AdaptiveClipper(mode="percentile", percentile=10.0, max_norm=math.inf)])
 
         # AGC, leaving the classifier head alone
         trainer = Trainer(callbacks=[AdaptiveClipper(mode="agc", agc_clipping=0.05, agc_exclude=[r"^head\."])])

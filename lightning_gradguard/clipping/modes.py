@@ -115,7 +115,7 @@ DEFAULT_SKIP_LIMIT = 3
 MAX_NORM = Arg("max_norm", ceiling)  # math.inf: no ceiling, where None means the default
 WARMUP_STEPS = Arg("warmup_steps", _count(0))
 WARMUP_MAX_NORM = Arg("warmup_max_norm", _bound(0.0))
-WARMUP_FACTOR = Arg("warmup_factor", _bound(0.0))
+WARMUP_FACTOR = Arg("warmup_factor", ceiling)  # math.inf: no warm-up bound
 MIN_NORM = Arg("min_norm", _bound(0.0))
 SKIP_FACTOR = Arg("skip_factor", _bound(1.0))
 SKIP_LIMIT = Arg("skip_limit", _count(1))
@@ -379,12 +379,11 @@ class _LearnedMode(ClipMode):
         learned from) until one is back below the bound.
         """
         rule = self.rule(step.index, step.pre.device)
-        threshold = rule.threshold()
+        bound = rule.bound()
+        threshold = rule.cap(bound)
         coef = clip_coefficient(step.pre, threshold)
         s = self.settings
-        over = s["skip_factor"] is not None and step.agree(
-            bool(step.finite & (step.pre > s["skip_factor"] * rule.bound()))
-        )
+        over = s["skip_factor"] is not None and step.agree(bool(step.finite & (step.pre > s["skip_factor"] * bound)))
         if over and step.over_streak < s["skip_limit"]:
             rule.observe(step.pre, torch.zeros((), dtype=torch.bool, device=step.pre.device))
             never = torch.zeros((), dtype=torch.bool, device=step.pre.device)

@@ -54,7 +54,10 @@ def ceiling(name: str, value: Any) -> float | None:
 def check_norm_bounds(min_norm: float | None, max_norm: float | None) -> None:
     """Raise ``ValueError`` when the floor ``min_norm`` exceeds the ceiling ``max_norm`` (either may be ``None``)."""
     if max_norm is not None and min_norm is not None and min_norm > max_norm:
-        raise ValueError(f"`min_norm` ({min_norm!r}) must not exceed `max_norm` ({max_norm!r}).")
+        raise ValueError(
+            f"`min_norm` ({min_norm!r}) must not exceed `max_norm` ({max_norm!r}); the learned modes' default "
+            "`max_norm` is 1.0: pass a larger one, or math.inf for no ceiling."
+        )
 
 
 class Bounds(TypedDict, total=False):
@@ -100,8 +103,9 @@ class LearnedThreshold:
 
     - **warm-up**: while fewer than ``warmup_steps`` norms were observed, the statistic is
       not trusted yet; the threshold is then ``warmup_factor`` times the median of the
-      norms observed so far (:meth:`early`; infinite before the first one, or when
-      ``warmup_factor`` is ``None``), and at most ``warmup_max_norm``; the statistics learn
+      norms observed so far (:meth:`early`; infinite before the first one, while that
+      median is 0, or when ``warmup_factor`` is ``None``/``inf``), and at most
+      ``warmup_max_norm``; the statistics learn
       from the raw norms meanwhile;
     - **floor**: the threshold never goes below ``min_norm``;
     - **ceiling**: the threshold never goes above ``max_norm`` (``inf``: no ceiling).
@@ -119,7 +123,7 @@ class LearnedThreshold:
         warmup_steps: observed norms needed before the learned value is used, >= 0.
         warmup_max_norm: a ceiling during warm-up, or ``None``.
         warmup_factor: during warm-up, the threshold is at most this many times the median
-            of the norms observed so far; ``None``: no such bound.
+            of the norms observed so far (when it is > 0); ``None`` or ``inf``: no such bound.
         max_norm: absolute ceiling, at all times, or ``None``/``inf``.
         min_norm: floor, or ``None``.
         device: where the state lives.
@@ -138,7 +142,7 @@ class LearnedThreshold:
         # warmup_steps sizes ZScoreThreshold's buffer of first norms
         self.warmup_steps = _validation.integer("warmup_steps", warmup_steps, low=0, high=_validation.MAX_WINDOW)
         self.warmup_max_norm = _validation.number("warmup_max_norm", warmup_max_norm, low=0.0, allow_none=True)
-        self.warmup_factor = _validation.number("warmup_factor", warmup_factor, low=0.0, allow_none=True)
+        self.warmup_factor = ceiling("warmup_factor", warmup_factor)
         self.max_norm = ceiling("max_norm", max_norm)
         self.min_norm = _validation.number("min_norm", min_norm, low=0.0, allow_none=True)
         check_norm_bounds(self.min_norm, self.max_norm)
@@ -197,10 +201,10 @@ class LearnedThreshold:
         """
         value = self.raw()
         if self.warmup_steps and self.seen_at_least < self.warmup_steps:
-            if self.warmup_factor is None:
-                early = torch.full_like(value, math.inf)
-            else:
-                early = self.early() * self.warmup_factor
+            early = torch.full_like(value, math.inf)
+            if self.warmup_factor is not None and self.warmup_factor != math.inf:
+                median = self.early()  # a median of 0 (gradients exactly zero so far) bounds nothing
+                early = torch.where(median > 0, median * self.warmup_factor, early)
             value = torch.where(self.in_warmup(), early, value)
         if self.min_norm is not None:
             value = value.clamp(min=self.min_norm)
@@ -208,7 +212,11 @@ class LearnedThreshold:
 
     def threshold(self) -> Tensor:
         """The threshold in force for the next step (0-dim float32 device tensor)."""
-        value = self.bound()
+        return self.cap(self.bound())
+
+    def cap(self, bound: Tensor) -> Tensor:
+        """:meth:`bound` under the fixed ceilings: ``max_norm``, and ``warmup_max_norm`` during warm-up."""
+        value = bound
         if self.max_norm is not None:
             value = value.clamp(max=self.max_norm)
         if self.warmup_steps and self.warmup_max_norm is not None and self.seen_at_least < self.warmup_steps:
