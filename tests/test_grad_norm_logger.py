@@ -57,10 +57,13 @@ def test_fp32_norms_match_vector_norm(tmp_path):
     }
 
 
-def test_default_interval_follows_trainer(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_default_interval_follows_trainer(tmp_path, accumulate):
     model = RecordingMLP()
-    trainer = make_trainer(tmp_path, [GradientNormLogger()], max_steps=16, log_every_n_steps=5)
-    trainer.fit(model, loader())
+    trainer = make_trainer(
+        tmp_path, [GradientNormLogger()], max_steps=16, log_every_n_steps=5, accumulate_grad_batches=accumulate
+    )
+    trainer.fit(model, loader(n=256))
     scalars = read_scalars(trainer.logger.log_dir)
     # Lightning's own cadence: (step + 1) % 5 == 0, the steps of the model's self.log("train_loss")
     assert sorted(scalars["grad_norm/total"]) == [4, 9, 14]

@@ -224,7 +224,6 @@ class GradientNormLogger(GradGuardCallback):
                 "GradientNormLogger has no logger to write to (the Trainer has `logger=False`); "
                 "it will log nothing. Attach a TensorBoardLogger or CSVLogger."
             )
-
         self._flow_on = False
         if stage != "fit" or not self.flow_every_n_steps:
             return
@@ -233,6 +232,7 @@ class GradientNormLogger(GradGuardCallback):
         if not has_tensorboard:
             why = "they go to TensorBoard's Images tab and the Trainer has no TensorBoardLogger"
         elif self.group_by == "total":
+            has_tensorboard = False  # the user's choice: a note, not a warning
             why = 'group_by="total" leaves no layers to draw'
         if why is None:
             self._flow_on = True
@@ -249,6 +249,7 @@ class GradientNormLogger(GradGuardCallback):
         self._pending.clear()
         self._last_backward_step = None
         self._flow_due.clear()
+        self._names.clear()  # a new Trainer: its logs get the layer list and the layout again
         if self._flow_next is None and self.flow_every_n_steps:
             self._flow_next = self.flow_every_n_steps
 
