@@ -166,3 +166,36 @@ def test_head_registered_first_deep_sigmoid_is_caught_in_a_real_fit(tmp_path):
     assert params.forward_order is not None and params.forward_order.traced
     names = alarm._grouping(params).names
     assert names[0] == "net.body.0" and names[-1] == "net.head"
+
+
+def test_with_several_ranks_the_agreed_order_is_used_and_never_refreshed_alone():
+    m = StemAfterBranch()
+    m.stem.requires_grad_(False)
+    params = ParamSet.from_module(m, include_frozen=True)
+    calls = []
+
+    def rank_zero(first_use):  # stands for a broadcast from rank zero: everything in registration order
+        calls.append(list(first_use))
+        return list(range(len(first_use)))
+
+    loss = m(torch.randn(2, 4)).sum()
+    assert record_forward_order(params, loss, agree=rank_zero)
+    assert Grouping.build(params).names == ("stem", "branch", "out")  # rank zero's order, not this rank's
+    m.stem.requires_grad_(True)
+    loss = m(torch.randn(2, 4)).sum()
+    loss.backward()
+    assert not record_forward_order(params, loss, agree=rank_zero)  # no rank-local refresh (no collective)
+    assert len(calls) == 1
+
+
+def test_the_logger_alone_orders_its_layers_as_they_run(tmp_path):
+    from lightning_gradguard import GradientNormLogger
+
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(HeadFirst(depth=3, width=8), 1e-3)
+    logger = GradientNormLogger(log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [logger], max_steps=2)
+    trainer.fit(model, DataLoader(two_spirals(n=64), batch_size=32))
+    params = _session.param_set(trainer, model, trainer.optimizers[0])
+    names = logger._grouping(params).names
+    assert names == ("net.body.0", "net.body.2", "net.body.4", "net.head")

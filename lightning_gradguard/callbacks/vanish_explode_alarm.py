@@ -171,13 +171,20 @@ class VanishExplodeAlarm(GradGuardCallback):
       ``GradScaler`` a lone overflow is normal (the scaler skips the step and lowers the
       scale): it is counted as ``overflow``, and becomes non-finite only when it repeats
       ``max_consecutive_overflows`` times in a row or the scale falls below ``min_loss_scale``.
-    - **exploding**: total norm above ``max_norm``, or a spike: ``spike_zscore`` standard
+    - **exploding**: total norm above ``max_norm``; or a spike: ``spike_zscore`` standard
       deviations above the run's own moving log-norm *and* ``spike_min_ratio`` times its
-      level (after ``warmup_steps``).
+      level (after ``warmup_steps``); or geometric growth: ``growth_total`` times the
+      smallest of the last 8 finite steps while rising ``growth_step``-fold on this step
+      (no warm-up). The finding names the layers that grew, input side first, and says when
+      the growth rises toward the input (a depth problem).
     - **vanishing**: over the last ``patience`` steps, the median ratio of the deepest
       layer's gradient norm to the shallowest's is above ``vanish_ratio`` (optionally: the
-      shallowest's median below ``vanish_floor`` while the deepest's is not).
-    - **dead**: a layer whose gradient is exactly zero for ``dead_patience`` steps in a row.
+      shallowest's median below ``vanish_floor`` while the deepest's is not). Shallowest
+      and deepest follow the order in which the layers run (read once per parameter set
+      from the autograd graph of the loss), not the order in which they are registered.
+    - **dead**: a layer whose gradient is exactly zero for ``dead_patience`` steps in a row,
+      or a layer with ``dead_unit_share`` of its units (rows of a Linear/Conv weight) zero
+      for ``dead_patience`` steps in a row while the rest of it learns.
 
     Each kind has an action: ``"warn"``, ``"skip"`` (warn and skip this optimizer step),
     ``"stop"`` (skip, then stop training gracefully after the batch) or ``"raise"`` (skip,
@@ -188,12 +195,17 @@ class VanishExplodeAlarm(GradGuardCallback):
     statistics and loss flags are made identical on every rank before any decision. On
     ``stop``/``raise`` a crash dump (the step, the batch, the per-layer statistics and the
     finding) is written next to the logs.
-    At the end of ``fit`` a short health summary is printed.
+    At the end of ``fit`` (and on a halt) a short health summary is printed.
 
     Logged keys (at ``log_every_n_steps``; with several optimizers ``opt<i>/`` follows
-    the prefix): ``alarm/nonfinite``, ``alarm/exploding``, ``alarm/vanishing``,
-    ``alarm/dead``, ``alarm/overflow`` (steps flagged so far), ``alarm/skipped_steps``,
-    ``alarm/zscore`` (log-norm z-score), ``alarm/deep_shallow_ratio``.
+    the prefix): ``alarm/zscore`` (log-norm z-score, once armed) and
+    ``alarm/deep_shallow_log10`` (log10 of the median deepest/shallowest ratio), where
+    finite; ``alarm/nonfinite``, ``alarm/exploding``, ``alarm/vanishing``, ``alarm/dead``,
+    ``alarm/overflow`` (steps flagged so far) and ``alarm/skipped_steps`` from the step
+    their kind first fires. Text (TensorBoard): each finding as markdown under
+    ``alarm/findings`` at its step, the health summary under ``alarm/summary`` at the end
+    of fit and on a halt. For other loggers, :attr:`findings` holds every
+    :class:`~lightning_gradguard.diagnosis.Finding` (``.markdown()``, ``.as_dict()``).
 
     Args:
         halt_on_nan: on non-finite gradients, skip the step and stop training (``True``)
