@@ -224,6 +224,9 @@ def test_raise_action_carries_the_diagnosis(tmp_path):
     assert finding.dump_path and os.path.exists(finding.dump_path)
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), before[name]), name
+    texts = read_texts(glob.glob(os.path.join(tmp_path, "tb", "version_*"))[0])
+    assert "**nonfinite** gradients at step 3" in texts["alarm/findings"][3]
+    assert "| nonfinite | 1 | 1 | 3 |" in texts["alarm/summary"][3]  # written although fit ended with the error
 
 
 def test_halt_on_nan_false_skips_and_continues(tmp_path):
