@@ -645,7 +645,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         expected = case.expected if case else None
         caught = sum(expected is not None and r["first"].get(expected) is not None for r in rs)
         kinds = sorted({k for r in rs for k in _flagged(r["first"])})
-        names = rs[0]["layers"]
+        names = next((r["layers"] for r in rs if r["layers"]), [])
         if any(r.get("toward_input") for r in rs):
             names = [*names, "(toward the input)"]
         lead = (
