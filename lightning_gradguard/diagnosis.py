@@ -146,9 +146,10 @@ class Finding:
             lines.append("")
         elif self.layers:
             lines += ["| layer (input side first) | gradient norm |", "|---|---|"]
-            lines += [f"| `{name}` | {norm:.3g} |" for name, norm in self.layers[:20]]
-            if len(self.layers) > 20:
-                lines.append(f"| ... and {len(self.layers) - 20} more | |")
+            shown = _MARKDOWN_ROWS  # short enough that the advice stays in view in TensorBoard's card
+            lines += [f"| `{name}` | {norm:.3g} |" for name, norm in self.layers[:shown]]
+            if len(self.layers) > shown:
+                lines.append(f"| ... and {len(self.layers) - shown} more | |")
             lines.append("")
         if self.advice:
             lines += ["**Try:**", ""]
@@ -160,6 +161,10 @@ class Finding:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Layers listed in a finding's markdown table.
+_MARKDOWN_ROWS = 8
 
 
 def _md(text: str) -> str:
