@@ -146,8 +146,19 @@ th:first-child, td:first-child { text-align: left; font-family: monospace; }
 tr.low td { background: #fde8e8; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; }
 pre { background: #f6f6f6; padding: .8em; white-space: pre-wrap; font-size: .85em; }
+.finding { background: #fafafa; border-left: 4px solid #e8a33d; padding: .2em 1em; margin-bottom: 1em; }
+.finding table { font-size: .85em; } p.tag { margin-bottom: .2em; }
 .note { color: #666; font-size: .9em; }
 """
+
+
+def _markdown(text: str) -> str:
+    """The Text tab's markdown as HTML (raw HTML in it is escaped first, so it shows as text)."""
+    try:
+        import markdown  # a dependency of tensorboard, which renders the Text tab with it
+    except ImportError:  # pragma: no cover - tensorboard always brings it
+        return f"<pre>{html.escape(text)}</pre>"
+    return markdown.markdown(html.escape(text, quote=False), extensions=["tables"])
 
 
 def _fmt(value: float) -> str:
@@ -189,7 +200,8 @@ def render(reports: list[RunReport], *, title: str = "gradguard report") -> str:
         parts.append("<h3>Findings</h3>")
         if findings:
             for step, tag, text in findings:
-                parts.append(f"<p><b>{html.escape(tag)}</b>, step {step}</p><pre>{html.escape(text)}</pre>")
+                parts.append(f"<p class=tag><b>{html.escape(tag)}</b>, step {step}</p>")
+                parts.append(f"<div class=finding>{_markdown(text)}</div>")
         else:
             parts.append("<p class=note>Nothing was written to the Text tab (no finding, or no alarm attached).</p>")
         if report.totals:

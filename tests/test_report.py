@@ -46,7 +46,8 @@ def test_report_of_a_real_run_holds_pictures_findings_and_the_layer_table(tmp_pa
     for _, data in pictures:
         image = Image.open(io.BytesIO(base64.b64decode(data)))
         assert image.width >= 1000 and image.height >= 400
-    assert "<b>alarm/findings</b>, step 9" in page and "**vanishing** at step 9" in page
+    assert "<b>alarm/findings</b>, step 9" in page
+    assert "<strong>vanishing</strong> at step 9: <code>body.0</code>" in page, "the markdown is rendered"
     # the per-layer table: forward order (the head is registered first but runs last), first/last/min/max
     rows = re.findall(r"<tr(?: class=low)?><td>([^<]+)</td><td>([^ ]+) \((\d+)\)</td><td>([^ ]+) \((\d+)\)</td>", page)
     layers = [r[0] for r in rows if r[0] != "total"]
