@@ -197,6 +197,7 @@ class ParamSet:
 # --------------------------------------------------------------------------------------
 
 _FORWARD_ORDER_KEY = "forward_order"
+_TRIED_KEY = "forward_order_tried"
 
 
 @dataclass(frozen=True)
@@ -298,8 +299,14 @@ def record_forward_order(
     if known is not None:
         if agree is not None or known.complete:
             return False
-        if not any(u is None and p.grad is not None for u, p in zip(known.first_use, params.params)):
+        # unreached parameters that have a gradient now; each set is walked for once only, so
+        # parameters the graph never reaches (behind a reentrant checkpoint) cost no walk per step
+        waiting = frozenset(
+            i for i, (u, p) in enumerate(zip(known.first_use, params.params)) if u is None and p.grad is not None
+        )
+        if not waiting or waiting <= params.cache.get(_TRIED_KEY, frozenset()):
             return False
+        params.cache[_TRIED_KEY] = waiting | params.cache.get(_TRIED_KEY, frozenset())
     order = ForwardOrder.of(loss, params)
     if agree is not None:
         order = ForwardOrder(tuple(agree(list(order.first_use))))

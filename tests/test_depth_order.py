@@ -199,3 +199,17 @@ def test_the_logger_alone_orders_its_layers_as_they_run(tmp_path):
     params = _session.param_set(trainer, model, trainer.optimizers[0])
     names = logger._grouping(params).names
     assert names == ("net.body.0", "net.body.2", "net.body.4", "net.head")
+
+
+def test_a_parameter_the_graph_never_reaches_is_walked_for_once_only(monkeypatch):
+    m = StemAfterBranch()
+    params = ParamSet.from_module(m)
+    loss = m.out(m.branch(torch.randn(2, 4))).sum()  # stem outside the graph, yet given a gradient below
+    assert record_forward_order(params, loss)
+    walks = []
+    real = ForwardOrder.of
+    monkeypatch.setattr(ForwardOrder, "of", classmethod(lambda cls, *a: walks.append(1) or real(*a)))
+    for _ in range(3):
+        m.stem.weight.grad = torch.ones_like(m.stem.weight)  # as a reentrant checkpoint would leave it
+        record_forward_order(params, loss)
+    assert len(walks) == 1
