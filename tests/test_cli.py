@@ -171,3 +171,28 @@ def test_help_lists_the_choices_and_a_typo_is_a_short_error(capsys):
     assert info.value.code != 0
     err = capsys.readouterr().err
     assert "on_step" in err and "on_after_backward" in err and "Traceback" not in err
+
+
+def test_yaml_gradguard_preset(tmp_path):
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            trainer:
+              max_steps: 4
+              log_every_n_steps: 2
+              enable_progress_bar: false
+              logger:
+                class_path: TensorBoardLogger
+                init_args: {{save_dir: {tmp_path}, name: guard}}
+              callbacks:
+                - class_path: lightning_gradguard.GradGuard
+                  init_args: {{preset: full, flow_every_n_steps: 2}}
+            """
+        )
+    )
+    cli = _example_cli().main(["fit", "--config", str(cfg)])
+    guard = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GradGuard))
+    assert guard.preset == "full" and guard.callbacks[0].log_param_norms
+    assert "grad_flow/heatmap" in read_accumulator(cli.trainer.logger.log_dir).Tags()["images"]
+    assert sorted(read_scalars(cli.trainer.logger.log_dir)["param_norm/total"]) == [1, 3]
