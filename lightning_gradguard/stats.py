@@ -173,10 +173,10 @@ class ParamSet:
         unfrozen later must be seen at once. A parameter without a gradient counts as
         absent at that step (:attr:`GradSnapshot.has_grad`).
 
-        Parameters are ordered as ``module`` registers them (input side first for most
-        models), not as the optimizer lists them, so that "shallow" and "deep" keep their
-        meaning. Parameters the module does not own are named
-        ``param_groups.<i>.<j>`` and come last.
+        Parameters are ordered as ``module`` registers them, not as the optimizer lists
+        them; the groupings built on the set follow the forward pass instead once a
+        :class:`ForwardOrder` is recorded (:func:`record_forward_order`). Parameters the
+        module does not own are named ``param_groups.<i>.<j>`` and come last.
         """
         in_opt: dict[int, tuple[Tensor, str]] = {}
         for i, group in enumerate(optimizer.param_groups):
