@@ -318,6 +318,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         self._lifted_min: str | None = None
         self._summary_logged_at: int | None = None
         self._restored_detectors: dict[int, dict[str, Any]] = {}
+        self._unit_turns: dict[int, int] = {}  # per optimizer, its steps: which turn of its weights to look at
 
     counts = _from_record("counts", "Per kind, the optimizer steps flagged so far.")
     episodes = _from_record("episodes", "Per kind, the episodes so far (one warning each).")
@@ -427,7 +428,9 @@ class VanishExplodeAlarm(GradGuardCallback):
         stats = snap.grouped(grouping)
         units = None
         if self.config.dead_unit_share is not None:
-            units = UnitStats.take(snap.params, grouping, pl_module, stats.norms.device, trainer.global_step)
+            # counted per optimizer: with several, global_step alternates and could always land on one turn
+            turn = self._unit_turns[opt_idx] = self._unit_turns.get(opt_idx, -1) + 1
+            units = UnitStats.take(snap.params, grouping, pl_module, stats.norms.device, turn)
         detector = self._detector(opt_idx)
         scaler = _session.grad_scaler(trainer)
         scale = _lightning.current_scale(scaler) if scaler is not None else None
