@@ -142,6 +142,18 @@ def test_a_lone_spike_is_still_skipped_and_the_count_starts_again(tmp_path):
     assert clipper.skipped_steps == 2 and clipper.skips_refused == 1
 
 
+def test_a_nonfinite_step_neither_extends_nor_ends_a_streak(tmp_path):
+    """fp16 overflow steps are common in an explosive regime: they must not reset the count."""
+    events = {6: SPIKE, 7: math.nan, 8: SPIKE, 9: SPIKE}
+    clipper = AdaptiveClipper(warmup_steps=4, skip_factor=5.0, skip_limit=2, max_norm=math.inf)
+    trainer = make_trainer(tmp_path, [clipper], max_steps=11)
+    trainer.fit(EventMLP(events=events, guard=True), loader())
+    coef = clip_scalars(trainer)["clip/coef"]
+    assert coef[6] == 0.0 and coef[8] == 0.0, "two skips"
+    assert 0.0 < coef[9] < 0.01, "the third outlier in a row is clipped, the NaN step between them not counted"
+    assert clipper.skipped_steps == 2 and clipper.skips_refused == 1
+
+
 def test_resume_in_the_middle_of_a_skip_streak_follows_the_uninterrupted_run(tmp_path):
     kwargs = dict(warmup_steps=4, skip_factor=5.0, skip_limit=3, max_norm=math.inf)
     total, cut = 14, 8  # the checkpoint after step 7: two skips of the streak done, one left

@@ -344,7 +344,8 @@ class AdaptiveClipper(GradGuardCallback):
         elif result.over_skip:
             state.skips_refused += 1
             self._warn_refusal(trainer, idx, state)
-        state.over_streak = state.over_streak + 1 if result.over_skip else 0
+        if result.over_skip is not None:  # a non-finite step neither extends nor ends a streak
+            state.over_streak = state.over_streak + 1 if result.over_skip else 0
         self._record(state, step, result)
         if log_now:
             self._log(trainer, idx, state, result.extra)

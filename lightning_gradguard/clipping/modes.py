@@ -188,7 +188,8 @@ class ClipResult:
         post: the total norm after clipping, or ``None`` when not measured.
         skipped: the step is to be skipped (its gradients dropped by the caller).
         over_skip: the step was above ``skip_factor`` times the bound (skipped, or clipped
-            because ``skip_limit`` steps in a row were skipped already).
+            because ``skip_limit`` steps in a row were skipped already); ``None`` for a
+            non-finite step, which says nothing about a streak of outliers.
         extra: more metrics to log, by name (``clipped_units``).
         warnings: messages for the user (once each).
     """
@@ -198,7 +199,7 @@ class ClipResult:
     coef: Tensor | None = None
     post: Tensor | None = None
     skipped: bool = False
-    over_skip: bool = False
+    over_skip: bool | None = False
     extra: dict[str, Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -383,7 +384,11 @@ class _LearnedMode(ClipMode):
         threshold = rule.cap(bound)
         coef = clip_coefficient(step.pre, threshold)
         s = self.settings
-        over = s["skip_factor"] is not None and step.agree(bool(step.finite & (step.pre > s["skip_factor"] * bound)))
+        over: bool | None = False
+        if s["skip_factor"] is not None:  # one host copy: the step's finiteness and its verdict
+            finite, above = torch.stack([step.finite, step.finite & (step.pre > s["skip_factor"] * bound)]).tolist()
+            # a non-finite step is no evidence either way: it neither extends nor ends a streak
+            over = step.agree(bool(above)) if finite else None
         if over and step.over_streak < s["skip_limit"]:
             rule.observe(step.pre, torch.zeros((), dtype=torch.bool, device=step.pre.device))
             never = torch.zeros((), dtype=torch.bool, device=step.pre.device)
