@@ -286,7 +286,7 @@ def build_slots(conditions: Sequence[str]) -> list[str]:
     """The round-robin order of one round.
 
     ``gradguard_default`` keeps the real logger's schedule (it logs when
-    ``trainer.global_step % 50 == 0``), so that what is measured is the unmodified code
+    ``(trainer.global_step + 1) % 50 == 0``, Lightning's own cadence), so that what is measured is the unmodified code
     path, including its "do nothing" test on the other steps. In a round of K slots it is
     active on the steps ``s = r*K + c``. If K and 50 share a factor, those steps hit a
     multiple of 50 either never or too often (K=6: 1 in 25 of its steps, or none). When
@@ -591,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pos_every = [i for i, s in enumerate(slots) if s == GG_EVERY]
     pos_default = [i for i, s in enumerate(slots) if s == GG_DEFAULT]
     want_every = sorted(s for s in range(max_steps) if s % k in pos_every)
-    want_default = sorted(s for s in range(max_steps) if s % k in pos_default and s % TRAINER_LOG_EVERY == 0)
+    want_default = sorted(s for s in range(max_steps) if s % k in pos_default and (s + 1) % TRAINER_LOG_EVERY == 0)
     got_every = sorted(s for s in tb_every if s % k in pos_every)
     got_default = sorted(s for s in tb_every if s % k in pos_default)
 
@@ -702,7 +702,7 @@ def print_report(payload: dict[str, Any]) -> dict[str, Any]:
     # gradguard_default: its cost comes once in 50 steps, so its figure is the MEAN.
     clean_ids = set(summary["clean_round_ids"])
     default_steps = [r for r in records if r["condition"] == GG_DEFAULT and r["round"] in clean_ids]
-    default_logging = [r for r in default_steps if r["step"] % TRAINER_LOG_EVERY == 0]
+    default_logging = [r for r in default_steps if (r["step"] + 1) % TRAINER_LOG_EVERY == 0]
     if default_steps:
         base_median = table[BASELINE]["median_ms"]
         print()
@@ -716,7 +716,7 @@ def print_report(payload: dict[str, Any]) -> dict[str, Any]:
         # plus 1/50 of what one logging step costs, taken from gradguard_every_step (the
         # same code path, measured on every one of its steps) rather than from the few
         # logging steps of this condition.
-        quiet = [r["ms"] for r in default_steps if r["step"] % TRAINER_LOG_EVERY]
+        quiet = [r["ms"] for r in default_steps if (r["step"] + 1) % TRAINER_LOG_EVERY]
         if quiet and table[GG_EVERY]["steps"]:
             quiet_pct = _pct(statistics.median(quiet) / base_median)
             per_log_ms = table[GG_EVERY]["median_ms"] - base_median

@@ -202,3 +202,15 @@ def tensorboard_writer(logger: Any) -> Any | None:
         return None
     get = getattr(logger.experiment, "_get_file_writer", None)
     return get() if get is not None else None
+
+
+def batches_that_stepped(trainer: pl.Trainer) -> int | None:
+    """``fit_loop.epoch_loop._batches_that_stepped``: the step Lightning gives ``self.log`` values.
+
+    Private; there is no public equivalent (``global_step`` counts optimizer steps, twice
+    per batch with two optimizers). Lightning's own ``LearningRateMonitor`` and
+    ``DeviceStatsMonitor`` read it too. ``None`` outside a fit loop.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    step = getattr(getattr(loop, "epoch_loop", None), "_batches_that_stepped", None)
+    return None if step is None else int(step)

@@ -402,7 +402,7 @@ def _check_logger(run: Run) -> None:
     assert run.model.applied, "no optimizer step was recorded"
     for (i, step), applied in sorted(run.model.applied.items()):
         key = f"grad_norm/opt{i}/total" if run.spec.n_opt > 1 else "grad_norm/total"
-        got = scalars.get(key, {}).get(step)
+        got = scalars.get(key, {}).get(step // run.spec.n_opt)  # logged at the batch's step, as self.log is
         if applied["finite"]:
             assert got is not None, f"{key} missing at step {step} (logged: {sorted(scalars.get(key, {}))})"
             assert_close_rel(got, applied["norm"], run.spec.rel, f"{key}@{step}")

@@ -246,7 +246,7 @@ def test_sparse_gradients_are_measured_and_clipped(tmp_path, clipper):
     trainer.fit(model, loader())
     scalars = read_scalars(trainer.logger.log_dir)
     for step in range(0, 8, 2):  # optimizer 0 (sparse) runs at the even global steps
-        assert_close_rel(scalars["grad_norm/opt0/total"][step], model.reference[step], 1e-4, f"step {step}")
+        assert_close_rel(scalars["grad_norm/opt0/total"][step // 2], model.reference[step], 1e-4, f"step {step}")
         if clipper.mode == "norm":
             assert record.norms[step] <= 0.01 * (1 + 1e-4)
         if clipper.mode == "value":

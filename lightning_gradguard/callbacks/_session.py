@@ -186,13 +186,10 @@ def log_step(trainer: pl.Trainer) -> int:
     Read in a real ``Trainer.fit`` (Lightning 2.x, ``_LoggerConnector``): training values go
     out with ``step=fit_loop.epoch_loop._batches_that_stepped``, which moves once per batch
     that stepped (after the batch's hooks ran), not once per optimizer step as
-    ``global_step`` does. ``LearningRateMonitor`` and ``DeviceStatsMonitor`` read the same
-    private attribute; there is no public one.
+    ``global_step`` does (see :func:`lightning_gradguard._lightning.batches_that_stepped`).
     """
-    loop = getattr(trainer, "fit_loop", None)
-    epoch_loop = getattr(loop, "epoch_loop", None)
-    step = getattr(epoch_loop, "_batches_that_stepped", None)
-    return trainer.global_step if step is None else int(step)
+    step = _lightning.batches_that_stepped(trainer)
+    return trainer.global_step if step is None else step
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
