@@ -599,7 +599,10 @@ def run_case(case: Case, seed: int, **alarm_args: Any) -> Run:
         steps=alarm.steps_checked,
         first=dict(alarm.first_step),
         layers=[n for n, _ in finding.layers[:3]] if finding else [],
-        toward_input=finding.toward_input if finding is not None and expected == "exploding" else None,
+        # a depth problem: growth toward the input, or an explosion before any update
+        toward_input=(finding.toward_input or "before any update" in finding.summary)
+        if finding is not None and expected == "exploding"
+        else None,
         # the alarm's own non-finite report: a NaN/Inf gradient or loss (the recorder sees gradients only); under
         # fp16 an overflow step is routine (the scaler skips it) and the failure is the persistent one
         first_nonfinite=alarm.first_step["nonfinite"],
@@ -647,7 +650,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         kinds = sorted({k for r in rs for k in _flagged(r["first"])})
         names = next((r["layers"] for r in rs if r["layers"]), [])
         if any(r.get("toward_input") for r in rs):
-            names = [*names, "(toward the input)"]
+            names = [*names, "(depth problem)"]
         lead = (
             ", ".join(_lead(r["first"].get("exploding"), r["first_nonfinite"]) for r in rs)
             if expected == "exploding"

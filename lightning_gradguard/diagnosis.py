@@ -604,6 +604,10 @@ class HealthDetector:
             return torch.zeros_like(finite)
         return finite & rising & (growth >= math.log(cfg.growth_total))
 
+    def steps_seen(self) -> Tensor:
+        """Finite steps seen so far (0-dim float32 device tensor)."""
+        return self._state.count if self._state is not None else torch.zeros(())
+
     def growth(self) -> Tensor:
         """Log of the total norm over the smallest of the last finite steps, at the last finite one (0-dim device)."""
         return self._state.grow_log if self._state is not None else torch.zeros(())
@@ -745,11 +749,14 @@ class ModelTraits:
         return cls(tuple(saturating), plain_rnn, gated_rnn, normalized, transformer, depth)
 
 
-def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False, toward_input: bool = False) -> list[str]:
+def advise(
+    kind: str, model: nn.Module | None, *, scaler_active: bool = False, depth_problem: bool = False
+) -> list[str]:
     """Remedies for a ``kind`` of finding that fit ``model``'s modules.
 
-    ``toward_input``: an explosion that grows layer by layer toward the input, a depth
-    problem: the initialisation and normalisation come first there, the learning rate last.
+    ``depth_problem``: an explosion that grows layer by layer toward the input, or one
+    present at the first step, before any update: the initialisation and normalisation
+    come first there, the learning rate last.
 
     Example:
         >>> from torch import nn
@@ -777,11 +784,10 @@ def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False, t
                 "learning rate), an output that is detached or unused, or an activation underflowing to exactly 0"
             )
         out.append("check the initialisation scale: Xavier for tanh/sigmoid, He for ReLU, orthogonal for RNNs")
-    elif kind == "exploding" and toward_input:
+    elif kind == "exploding" and depth_problem:
         out.append(
-            "the gradient grows layer by layer toward the input: each layer amplifies it (weights too large for "
-            "the depth). Use a variance-preserving initialisation (Xavier/He; orthogonal for RNNs) or scale "
-            "down the deeper layers' init"
+            "each layer amplifies the signal (weights too large for the depth): use a variance-preserving "
+            "initialisation (Xavier/He; orthogonal for RNNs) or scale down the deeper layers' init"
         )
         if not t.normalized:
             out.append("add normalisation (LayerNorm/BatchNorm) and residual connections between the layers")
@@ -791,6 +797,8 @@ def advise(kind: str, model: nn.Module | None, *, scaler_active: bool = False, t
         )
         if t.plain_rnn or t.gated_rnn:
             out.append("recurrent nets explode through repeated weight_hh products: orthogonal init, norm clipping")
+        if t.plain_rnn:
+            out.append("nn.LSTM/nn.GRU are more stable than a plain nn.RNN")
     elif kind == "exploding":
         out.append(
             "clip gradients by norm: lightning_gradguard.AdaptiveClipper(mode='zscore') "
@@ -839,6 +847,7 @@ class Evidence:
         growth: the total norm over the smallest of the last finite steps.
         unit_shares: per group, the share of its units that are dead.
         units_per_group: per group, its number of watched units.
+        steps_seen: finite steps the detector has seen, this one included.
         ordered_by: how the groups are ordered (``Grouping.ordered_by``: ``"untraced"``
             when the forward pass was looked for and could not be traced).
     """
@@ -854,6 +863,7 @@ class Evidence:
     growth: float = 1.0
     unit_shares: tuple[float, ...] = ()
     units_per_group: tuple[int, ...] = ()
+    steps_seen: int = 0
     ordered_by: str = "forward"
 
     @classmethod
@@ -874,9 +884,10 @@ class Evidence:
                 detector.layer_growth(),
                 detector.growth(),
                 detector.dead_unit_shares(),
+                detector.steps_seen(),
             ]
         )
-        dead, (run,), growth, (total_growth,), shares = host.extras
+        dead, (run,), growth, (total_growth,), shares, (seen,) = host.extras
         return cls(
             host=host,
             reading=reading,
@@ -889,6 +900,7 @@ class Evidence:
             growth=math.exp(total_growth) if math.isfinite(total_growth) else 1.0,
             unit_shares=tuple(shares),
             units_per_group=units.per_group if units is not None else (),
+            steps_seen=int(seen),
             ordered_by=stats.grouping.ordered_by,
         )
 
@@ -910,6 +922,7 @@ class _Draft(NamedTuple):
     ratio: float | None = None
     zscore: float | None = None
     toward_input: bool = False
+    depth_problem: bool = False
     units: list[tuple[str, float, int]] = []  # noqa: RUF012 - never mutated
 
 
@@ -946,14 +959,22 @@ def _exploding_finding(ev: Evidence) -> _Draft:
         parts.append(f"{ev.growth:.3g}x the smallest of the last {GROWTH_WINDOW} steps (geometric growth)")
     layers, toward_input = _exploding_layers(ev)
     summary = ", ".join(parts)
-    if toward_input:
+    at_start = ev.steps_seen <= 1  # this is the first finite step: no update has happened yet
+    if at_start:
+        summary += (
+            "; at the first step, before any update: the model as initialised amplifies the gradient "
+            "(initialisation or architecture, not the learning rate)"
+        )
+    elif toward_input:
         first, last = layers[0][0], ev.names[-1]
         summary += (
             f"; it grows toward the input ({first}: {ev.host.group_norms[first]:.3g} vs {last}: "
             f"{ev.host.group_norms[last]:.3g}): the layers amplify the gradient on its way back, a depth "
             "(initialisation/normalisation) problem rather than a learning-rate one"
         )
-    return _Draft(summary, layers, zscore=z if spike else None, toward_input=toward_input)
+    return _Draft(
+        summary, layers, zscore=z if spike else None, toward_input=toward_input, depth_problem=toward_input or at_start
+    )
 
 
 def _exploding_layers(ev: Evidence) -> tuple[list[tuple[str, float]], bool]:
@@ -1053,5 +1074,5 @@ def build_finding(kind: str, step: int, evidence: Evidence, *, model: nn.Module 
         zscore=draft.zscore,
         toward_input=draft.toward_input,
         units=list(draft.units),
-        advice=advise(kind, model, scaler_active=evidence.scaler_active, toward_input=draft.toward_input),
+        advice=advise(kind, model, scaler_active=evidence.scaler_active, depth_problem=draft.depth_problem),
     )

@@ -221,7 +221,9 @@ def _evidence(detector: HealthDetector, stats: GroupedStats, **kwargs) -> Eviden
 def test_each_kind_has_its_finding():
     d = HealthDetector(max_norm=10.0, dead_patience=1, max_consecutive_overflows=2, vanish_ratio=1e3, patience=1)
     boom = build_finding("exploding", 0, _evidence(d, _stats(30.0, 40.0)))
-    assert boom.summary == "total norm 50, above the ceiling max_norm=10" and boom.zscore is None
+    assert boom.summary.startswith("total norm 50, above the ceiling max_norm=10;") and boom.zscore is None
+    assert "at the first step, before any update" in boom.summary  # so the learning rate cannot be the cause
+    assert "amplifies" in boom.advice[0] and not boom.toward_input
     assert [name for name, _ in boom.layers] == ["first", "last"]  # in depth order, both within 10x of the largest
     low = build_finding("vanishing", 1, _evidence(d, _stats(1e-6, 1.0)))
     assert low.layers == [("first", pytest.approx(1e-6))] and low.ratio == pytest.approx(1e6, rel=1e-4)
@@ -291,7 +293,7 @@ def test_a_finding_names_the_grown_layers_in_depth_order_and_sees_growth_toward_
     f = build_finding("exploding", 2, ev)
     assert [n for n, _ in f.layers] == ["in", "mid"]  # "out" barely moved
     assert f.toward_input and "grows toward the input" in f.summary
-    assert "layer by layer toward the input" in f.advice[0]
+    assert "amplifies" in f.advice[0] and "only delays" in f.advice[2]
     d = HealthDetector(max_norm=None, growth_total=1e3)
     for norms in ((1.0, 1.0, 1.0), (1.0, 3.0, 30.0)):
         d.update(_stats3(*norms))
