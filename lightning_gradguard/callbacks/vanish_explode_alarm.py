@@ -176,7 +176,7 @@ class VanishExplodeAlarm(GradGuardCallback):
       level (after ``warmup_steps``); or geometric growth: ``growth_total`` times the
       smallest of the last 8 finite steps while rising ``growth_step``-fold on this step
       (no warm-up). The finding names the layers that grew, input side first, and says when
-      the growth rises toward the input (a depth problem).
+      the growth rises toward the input or is there at the first step (a depth problem).
     - **vanishing**: over the last ``patience`` steps, the median ratio of the deepest
       layer's gradient norm to the shallowest's is above ``vanish_ratio`` (optionally: the
       shallowest's median below ``vanish_floor`` while the deepest's is not). Shallowest
