@@ -257,7 +257,7 @@ def overhead(rounds: int, warmup_rounds: int, seed: int, calls: int = 200) -> di
         )
         trainer.fit(model, DataLoader(TensorDataset(ids), batch_size=bo.BATCH, shuffle=False))
         records = [r for r in switch.records if r["round"] >= warmup_rounds]
-        summary = bo.summarize(records, conditions) if rounds else {}
+        summary = bo.summarize(records, conditions)["conditions"] if rounds else {}
         hooks = hook_times(trainer, model, ids[: bo.BATCH], [g.inner for g in gated], calls)
     base = summary.get(bo.BASELINE, {}).get("median_ms")
     return {"slots": slots, "summary": summary, "hook_ms": hooks, "baseline_step_ms": base, "steps": switch.records}
@@ -347,14 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = overhead(args.rounds, 2, args.seed)
         base = result["baseline_step_ms"]
         print("\nwhole steps, interleaved inside one fit (this machine drifts; see the 95% CI):\n")
-        print("| condition | steps | median ms | median overhead | 95% CI | paired overhead |")
+        print("| condition | steps | median ms | median overhead | paired overhead | 95% CI |")
         print("|---|---|---|---|---|---|")
         for name, s in result["summary"].items():
-            lo, hi = s["median_overhead_ci95_pct"]
+            lo, hi = s["paired_overhead_ci95_pct"]
             ci = "" if name == "baseline" else f"[{lo:+.1f}, {hi:+.1f}]%"
             print(
-                f"| {name} | {s['steps']} | {s['median_ms']:.1f} | {s['median_overhead_pct']:+.1f}% | {ci} | "
-                f"{s['paired_median_overhead_pct']:+.1f}% |"
+                f"| {name} | {s['steps']} | {s['median_ms']:.1f} | {s['median_overhead_pct']:+.1f}% | "
+                f"{s['paired_overhead_pct']:+.1f}% | {ci} |"
             )
         print("\nthe clipping hook alone, on the model's real gradients (median of 200 calls, round-robin):\n")
         print("| condition | ms per step | share of a baseline step |")
