@@ -200,6 +200,8 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "log_update_ratio": flag,
     "histogram_every_n_steps": optional_count,
     "custom_scalars": flag,
+    "flow_every_n_steps": optional_count,
+    "flow_history": count,
     # VanishExplodeAlarm
     "halt_on_nan": flag,
     "nonfinite_action": st.one_of(st.none(), action),
@@ -231,6 +233,9 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "warmup_max_norm": st.one_of(st.none(), positive),
     "min_norm": st.one_of(st.none(), positive),
     "skip_factor": st.one_of(st.none(), positive, st.sampled_from([1, 1.0, 1.0000001, 0.5])),
+    "growth_total": st.one_of(st.none(), positive, st.sampled_from([1, 1.0, 1.0000001, 2])),
+    "growth_step": st.one_of(positive, st.sampled_from([1, 1.0, 1.0000001, 0.5])),
+    "dead_unit_share": st.one_of(st.none(), fraction),
     # AmpUnscaleCheck
     "max_skip_rate": fraction,
     "skip_rate_window": count,

@@ -191,5 +191,5 @@ class GradGuardCallback(Callback):
             if trainer.world_size > 1:
                 agree = lambda ranks: trainer.strategy.broadcast(ranks, src=0)  # noqa: E731
             # the session keeps the last loss (see _session.note_backward); its graph's structure outlives backward()
-            record_forward_order(params, _session.session(trainer)._last_loss, agree=agree)
+            record_forward_order(params, _session.session(trainer).last_loss, agree=agree)
         return self.layers.of(params)

@@ -34,12 +34,14 @@ class Session:
         backward_count: backward passes seen so far (the snapshot key of a micro-batch).
         attached: the gradguard callbacks of the trainer, by class (filled at ``setup``).
         layout: the custom-scalars charts last written (:func:`write_layout`).
+        last_loss: the loss of the latest backward pass (its autograd graph's structure
+            gives the forward order of the layers, ``stats.ForwardOrder``).
     """
 
     backward_count: int = 0
     attached: dict[type, list[Any]] = field(default_factory=dict)
     layout: dict[str, list[Any]] | None = None
-    _last_loss: Tensor | None = None
+    last_loss: Tensor | None = None
     _param_sets: dict[Any, tuple[Any, list[Any], ParamSet]] = field(default_factory=dict)
     _snapshot_key: tuple[Any, ...] | None = None
     _snapshots: dict[tuple[Any, ...], GradSnapshot] = field(default_factory=dict)
@@ -73,8 +75,8 @@ def note_backward(trainer: pl.Trainer, loss: Tensor) -> None:
     loss is kept so that its ``id`` cannot be reused by the next one.
     """
     state = session(trainer)
-    if state._last_loss is not loss:
-        state._last_loss = loss
+    if state.last_loss is not loss:
+        state.last_loss = loss
         state.backward_count += 1
 
 
