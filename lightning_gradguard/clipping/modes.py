@@ -387,8 +387,9 @@ class _LearnedMode(ClipMode):
         over: bool | None = False
         if s["skip_factor"] is not None:  # one host copy: the step's finiteness and its verdict
             finite, above = torch.stack([step.finite, step.finite & (step.pre > s["skip_factor"] * bound)]).tolist()
+            verdict = step.agree(bool(above))  # a collective: every rank calls it, whatever its step
             # a non-finite step is no evidence either way: it neither extends nor ends a streak
-            over = step.agree(bool(above)) if finite else None
+            over = verdict if finite else None
         if over and step.over_streak < s["skip_limit"]:
             rule.observe(step.pre, torch.zeros((), dtype=torch.bool, device=step.pre.device))
             never = torch.zeros((), dtype=torch.bool, device=step.pre.device)
