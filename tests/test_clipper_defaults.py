@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_adaptive_clipper import EventMLP, clip_scalars
 
 from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper
-from lightning_gradguard.clipping import MODES, ZScoreThreshold
+from lightning_gradguard.clipping import MODES, PercentileThreshold, ZScoreThreshold
 
 REL = 1e-5
 SPIKE = 1000.0
@@ -234,3 +234,14 @@ def test_an_infinite_max_norm_means_no_ceiling(tmp_path, mode):
         assert s["clip/threshold"][1] > 1.0
     else:
         assert "clip/threshold" not in s
+
+
+@pytest.mark.parametrize("rule_cls", [PercentileThreshold, ZScoreThreshold])
+def test_a_zero_median_bounds_nothing_during_the_warmup(rule_cls):
+    """Gradients exactly zero at first (a frozen start) must not zero every later warm-up step."""
+    rule = rule_cls(warmup_steps=5, warmup_factor=10.0)
+    rule.observe(torch.tensor(0.0), torch.tensor(True))
+    assert math.isinf(rule.threshold().item())
+    for x in (0.0, 2.0, 2.0):
+        rule.observe(torch.tensor(x), torch.tensor(True))
+    assert rule.threshold().item() == pytest.approx(10.0 * 1.0)  # median of 0, 0, 2, 2
