@@ -417,7 +417,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         self.record.tick(active)
         if active:
             self._act(step, active)
-        if self.is_log_step(trainer, step.step) and trainer.loggers:
+        if trainer.loggers and self.is_log_step(trainer):  # Lightning's cadence, at the step self.log uses
             self._log(step)
 
     def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> _Step:
@@ -501,7 +501,8 @@ class VanishExplodeAlarm(GradGuardCallback):
         return f"opt{step.opt_idx}/" if len(step.trainer.optimizers) > 1 else ""
 
     def _log(self, step: _Step) -> None:
-        _session.log_metrics(step.trainer, self.record.metrics(step.reading, self._seg(step)), step.step)
+        metrics = self.record.metrics(step.reading, self._seg(step))
+        _session.log_metrics(step.trainer, metrics, self.log_step(step.trainer), finite_only=True)
 
     def _log_summary(self, trainer: pl.Trainer) -> None:
         """The health summary to the Text tab (``alarm/summary``), once per fit and at most once per step."""
