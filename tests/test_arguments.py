@@ -233,6 +233,8 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "warmup_max_norm": st.one_of(st.none(), positive),
     "min_norm": st.one_of(st.none(), positive),
     "skip_factor": st.one_of(st.none(), positive, st.sampled_from([1, 1.0, 1.0000001, 0.5])),
+    "warmup_factor": st.one_of(st.none(), positive, st.just(math.inf)),
+    "skip_limit": st.one_of(st.none(), count),
     "growth_total": st.one_of(st.none(), positive, st.sampled_from([1, 1.0, 1.0000001, 2])),
     "growth_step": st.one_of(positive, st.sampled_from([1, 1.0, 1.0000001, 0.5])),
     "dead_unit_share": st.one_of(st.none(), fraction),
@@ -265,11 +267,12 @@ def kwargs_of(cls: type, value: Callable[[str], st.SearchStrategy[Any]], max_siz
 
 
 #: AdaptiveClipper: the arguments each mode takes (docstring), and the one it requires
+LEARNED = {"warmup_steps", "warmup_max_norm", "warmup_factor", "max_norm", "min_norm", "skip_factor", "skip_limit"}
 MODE_ARGS = {
     "norm": {"max_norm"},
     "value": {"clip_value"},
-    "percentile": {"percentile", "window", "warmup_steps", "warmup_max_norm", "max_norm", "min_norm", "skip_factor"},
-    "zscore": {"z_threshold", "ema_decay", "warmup_steps", "warmup_max_norm", "max_norm", "min_norm", "skip_factor"},
+    "percentile": {"percentile", "window", *LEARNED},
+    "zscore": {"z_threshold", "ema_decay", *LEARNED},
     "agc": {"agc_clipping", "agc_eps", "agc_exclude", "warmup_steps", "warmup_max_norm", "max_norm"},
 }
 MODE_REQUIRES = {"norm": "max_norm", "value": "clip_value"}
