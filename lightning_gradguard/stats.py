@@ -8,8 +8,10 @@ The pipeline is:
    owns, with their qualified names. Built once, reused every step.
 2. :class:`Grouping` — a partition of a ``ParamSet`` into named layers
    (by owning module, per tensor, by module depth, or by user patterns). Built once.
-3. :func:`take_snapshot` — per-tensor squared L2 norms and max-abs values of the
-   gradients, computed with ``torch._foreach_norm`` per (device, dtype) bucket,
+3. :func:`take_snapshot` — per-tensor L2 norms of the gradients in one read, computed
+   with ``torch._foreach_norm`` per (device, dtype) bucket accumulating in float64 (exact
+   for fp32/fp16/bf16 gradients from 1e-45 to 3e38; NaN/Inf show in the norm, so
+   finiteness needs no second pass; max |g| only where asked for),
    divided by a pending loss scale when given, reduced across ranks for sharded
    (DTensor / FSDP2) gradients, and kept on the device.
    Groups are ordered as the layers run in the forward pass when that order is known
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +58,9 @@ except Exception:  # pragma: no cover - exercised only on builds without distrib
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
+    "CPU_WIDE_MAX_NUMEL",
     "GROUP_BY_CHOICES",
+    "MAX_ABS_LEARNING",
     "ForwardOrder",
     "GradSnapshot",
     "GroupedStats",
@@ -72,6 +77,8 @@ __all__ = [
     "reduce_norms",
     "stored_values",
     "take_snapshot",
+    "tensor_max_abs",
+    "tensor_norms",
     "tensor_stats",
     "total_norm",
     "unit_activity",
@@ -474,8 +481,84 @@ def _norms(tensors: list[Tensor], ord: float) -> Tensor:
 
 
 def _max_abs(tensors: list[Tensor]) -> Tensor:
-    """Per-tensor max |x| of same-device, same-dtype tensors, as one float32 vector."""
-    return torch.stack(_lightning.foreach_max_abs(tensors)).to(torch.float32)
+    """Per-tensor max |x| of same-device, same-dtype tensors, as one float32 vector.
+
+    A float64 maximum beyond float32's range saturates (see :func:`_narrow`) rather than
+    reading Inf, so that Inf keeps meaning a non-finite element.
+    """
+    m = torch.stack(_lightning.foreach_max_abs(tensors))
+    return _narrow(m) if m.dtype == torch.float64 else m.to(torch.float32)
+
+
+#: float32's largest finite value and its smallest positive (subnormal) one.
+_F32_MAX = torch.finfo(torch.float32).max
+_F32_SMALLEST = 2.0**-149
+_WIDE = (torch.float64, torch.complex128)
+
+
+def _has_float64(device: torch.device) -> bool:
+    """Whether ``device`` computes in float64 (Apple's MPS does not)."""
+    return device.type != "mps"
+
+
+def _narrow(values: Tensor) -> Tensor:
+    """Non-negative float64 values as float32 that keep what matters: finite stays finite, non-zero stays non-zero.
+
+    Values beyond float32's range saturate at its largest finite value (3.4e38) and
+    positive values below its smallest subnormal (1.4e-45) read that subnormal; NaN and Inf
+    are kept. Every value of fp32/fp16/bf16 gradients' norms lies in range, so nothing
+    changes for them; only float64 gradients reach these bounds.
+    """
+    clamped = values.clamp(max=_F32_MAX)
+    clamped = torch.where(values > 0, clamped.clamp(min=_F32_SMALLEST), clamped)
+    return torch.where(torch.isfinite(values), clamped, values).to(torch.float32)
+
+
+#: CPU buckets whose tensors all hold at most this many elements take their norms in one
+#: float64-accumulated pass. There the time goes to per-tensor overhead, which one pass halves;
+#: for larger tensors CPU float64 accumulation costs 4-16x a float32 norm (measured here:
+#: 2 x 4096x4096 fp32, 100 ms against 6 ms), so they keep a float32 norm and a max pass.
+CPU_WIDE_MAX_NUMEL = 2048
+
+
+def _bucket_norms(
+    tensors: list[Tensor], numel: Tensor, inv_scale: Tensor | None, wide: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-tensor L2 norms of same-device, same-dtype tensors as float32, and max |x| when it was taken.
+
+    ``wide`` (fp32/fp16/bf16/complex64 tensors, see :data:`CPU_WIDE_MAX_NUMEL`): one
+    ``torch._foreach_norm`` accumulating in float64. Squares of float32 values cannot
+    under- or overflow in float64 (the smallest subnormal squared is 2e-90, the largest
+    float32 squared times 2**63 elements is 1e96), so the norm is exact with no second
+    pass, and a NaN or Inf element shows in it; max |x| is not taken (``None``).
+
+    Otherwise the norm in the tensors' precision (float32 at least) and a max |x| pass;
+    norms that under- or overflowed are replaced by bounds from it (:func:`_repair_range`),
+    and a finite tensor whose norm is beyond float32's range saturates rather than reading
+    Inf, so that Inf means a non-finite element in both cases.
+
+    ``inv_scale`` (a pending loss scale's reciprocal) is applied to both.
+    """
+    dtype = tensors[0].dtype
+    device = tensors[0].device
+    maxes: Tensor | None = None
+    if wide and dtype not in _WIDE and _has_float64(device):
+        norms = torch.stack(_lightning.foreach_norm(tensors, 2.0, dtype=_wide_dtype(dtype)))
+    else:
+        norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
+        maxes = torch.stack(_lightning.foreach_max_abs(tensors))
+        maxes = maxes if maxes.dtype == norms.dtype else maxes.to(norms.dtype)
+        norms = _repair_range(norms, maxes, numel.to(device=device, dtype=norms.dtype))
+        norms = torch.where(torch.isfinite(maxes) & torch.isinf(norms), torch.full_like(norms, _F32_MAX), norms)
+    if inv_scale is not None:
+        norms = norms * inv_scale.to(device=norms.device, dtype=norms.dtype)
+        maxes = maxes * inv_scale.to(device=maxes.device, dtype=maxes.dtype) if maxes is not None else None
+    narrow = lambda t: _narrow(t) if t.dtype == torch.float64 else t.to(torch.float32)  # noqa: E731
+    return narrow(norms), (narrow(maxes) if maxes is not None else None)
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
@@ -554,8 +637,10 @@ def _stored_buckets(
 
 def _bucket_index(
     cache: dict[Any, Any], key: tuple[Any, ...], device: torch.device, idx: list[int], ts: list[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Positions and element counts of a bucket as device tensors, built once per layout.
+) -> tuple[Tensor, Tensor, bool]:
+    """Positions and element counts of a bucket as device tensors, and whether it is read once in float64.
+
+    Built once per layout (see :data:`CPU_WIDE_MAX_NUMEL` for the last).
 
     Sparse buckets (``key[-1]``) are not cached: their number of stored elements varies.
     """
@@ -565,6 +650,7 @@ def _bucket_index(
         cached = (
             torch.tensor(idx, device=device),
             torch.tensor([float(t.numel()) for t in ts], device=device),
+            key[0].type == "cpu" and all(t.numel() <= CPU_WIDE_MAX_NUMEL for t in ts),
         )
         if key[-1]:
             cache[ckey] = cached
@@ -572,9 +658,13 @@ def _bucket_index(
 
 
 def _combine_shards(
-    norms: Tensor, maxes: Tensor, reduce_keys: Sequence[tuple[Any, ...]], cache: dict[Any, Any], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per-tensor norms and maxima of sharded tensors combined over their ranks (see :func:`tensor_stats`)."""
+    norms: Tensor,
+    maxes: Tensor | None,
+    reduce_keys: Sequence[tuple[Any, ...]],
+    cache: dict[Any, Any],
+    device: torch.device,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-tensor norms (and maxima, if given) of sharded tensors combined over their ranks (:func:`tensor_stats`)."""
     n = len(norms)
     # Every rank must issue the same collectives in the same order, including ranks that
     # hold no local gradient for some key: take the keys from the parameter list.
@@ -588,26 +678,109 @@ def _combine_shards(
             mask = cache[("mask", rkey, device)] = torch.tensor([k == rkey for k in reduce_keys], device=device)
         for group in rkey:
             local_norms = torch.where(mask, norms, torch.zeros_like(norms))
-            local_maxes = torch.where(mask, maxes, torch.zeros_like(maxes))
-            peak = torch.cat([local_norms, local_maxes])
+            local_maxes = torch.where(mask, maxes, torch.zeros_like(maxes)) if maxes is not None else None
+            # a NaN or Inf element shows in its tensor's norm already (norms saturate, so Inf is non-finite)
+            flags = local_maxes if local_maxes is not None else local_norms
+            peak = torch.cat([local_norms, local_maxes]) if local_maxes is not None else local_norms.clone()
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-            top, gmax = peak[:n], peak[n:]
+            top = peak[:n]
             safe = torch.where(top > 0, top, torch.ones_like(top))
             # NaN/Inf are counted, not trusted to a MAX reduction (whose NaN handling is
             # backend-defined), so that every rank learns of a non-finite shard.
-            summed = torch.cat(
-                [(local_norms / safe) ** 2, torch.isnan(local_maxes).float(), torch.isinf(local_maxes).float()]
-            )
+            summed = torch.cat([(local_norms / safe) ** 2, torch.isnan(flags).float(), torch.isinf(flags).float()])
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
             ratio_sq, nan_count, inf_count = summed[:n], summed[n : 2 * n], summed[2 * n :]
             combined = torch.where(torch.isinf(top), top, top * ratio_sq.sqrt())
             nan = torch.full_like(top, math.nan)
             inf = torch.full_like(top, math.inf)
             combined = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, combined))
-            gmax = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, gmax))
             norms = torch.where(mask, combined, norms)
-            maxes = torch.where(mask, gmax, maxes)
+            if maxes is not None:
+                gmax = torch.where(nan_count > 0, nan, torch.where(inf_count > 0, inf, peak[n:]))
+                maxes = torch.where(mask, gmax, maxes)
     return norms, maxes
+
+
+def _per_tensor(
+    tensors: Sequence[Tensor | None],
+    reduce_keys: Sequence[tuple[Any, ...]] | None,
+    device: torch.device | None,
+    inv_scale: Tensor | None,
+    cache: dict[Any, Any] | None,
+    *,
+    norms: bool,
+    maxes: bool | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The one loop behind :func:`tensor_stats`, :func:`tensor_norms` and :func:`tensor_max_abs`."""
+    if cache is None:
+        cache = {}
+    n = len(tensors)
+    if reduce_keys is None:
+        reduce_keys = [() for _ in range(n)]
+    buckets = _stored_buckets(tensors, reduce_keys)
+    if device is None:
+        device = next(iter(buckets))[0] if buckets else torch.device("cpu")
+    if maxes is None:  # sparse gradients get coalesced (replaced) by clipping: their max is taken now
+        maxes = any(not key[-1] for key in buckets)
+    out_norms = torch.zeros(n, dtype=torch.float32, device=device)
+    out_maxes = torch.zeros(n, dtype=torch.float32, device=device)
+    all_maxes = True  # every bucket took max |x| for its norms: it comes for free
+    for key, (ts, idx) in buckets.items():
+        index, sizes, wide = _bucket_index(cache, key, device, idx, ts)
+        bucket_maxes = None
+        if norms:
+            bucket_norms, bucket_maxes = _bucket_norms(ts, sizes, inv_scale, wide)
+            out_norms.index_copy_(0, index, bucket_norms.to(device))
+        all_maxes = all_maxes and bucket_maxes is not None
+        if maxes or bucket_maxes is not None:
+            if bucket_maxes is None:
+                bucket_maxes = _max_abs(ts)
+                if inv_scale is not None:
+                    bucket_maxes = bucket_maxes * inv_scale.to(bucket_maxes.device)
+            out_maxes.index_copy_(0, index, bucket_maxes.to(device))
+    if not maxes and not (norms and all_maxes):
+        out_maxes = None
+    if norms:
+        out_norms, out_maxes = _combine_shards(out_norms, out_maxes, reduce_keys, cache, device)
+    elif out_maxes is not None:
+        _, out_maxes = _combine_shards(torch.zeros_like(out_maxes), out_maxes, reduce_keys, cache, device)
+    return (out_norms if norms else None), out_maxes
+
+
+def tensor_norms(
+    tensors: Sequence[Tensor | None],
+    reduce_keys: Sequence[tuple[Any, ...]] | None = None,
+    *,
+    device: torch.device | None = None,
+    inv_scale: Tensor | None = None,
+    cache: dict[Any, Any] | None = None,
+) -> Tensor:
+    """L2 norm of each tensor, on one device, in one read of the tensors and without a host sync.
+
+    The arguments are those of :func:`tensor_stats`. fp32/fp16/bf16 tensors take one
+    ``torch._foreach_norm`` per device/dtype bucket accumulating in float64, exact over
+    their whole range (a 1e-30-scale tensor does not read 0, a 1e20-scale one not Inf);
+    float64 tensors add a max |x| pass to repair norms that their own precision pushed out
+    of range. A NaN element makes its entry NaN; an Inf (no NaN) makes it Inf. A finite
+    tensor never reads Inf: a norm beyond float32's range saturates at 3.4e38.
+
+    Example:
+        >>> tensor_norms([torch.full((4,), 1e-30), None, torch.full((4,), 1e20)])
+        tensor([2.0000e-30, 0.0000e+00, 2.0000e+20])
+    """
+    return _per_tensor(tensors, reduce_keys, device, inv_scale, cache, norms=True, maxes=False)[0]  # type: ignore[return-value]
+
+
+def tensor_max_abs(
+    tensors: Sequence[Tensor | None],
+    reduce_keys: Sequence[tuple[Any, ...]] | None = None,
+    *,
+    device: torch.device | None = None,
+    inv_scale: Tensor | None = None,
+    cache: dict[Any, Any] | None = None,
+) -> Tensor:
+    """max |x| of each tensor (a pass of its own; see :func:`tensor_stats` for the arguments)."""
+    return _per_tensor(tensors, reduce_keys, device, inv_scale, cache, norms=False, maxes=True)[1]  # type: ignore[return-value]
 
 
 def tensor_stats(
@@ -620,14 +793,15 @@ def tensor_stats(
 ) -> tuple[Tensor, Tensor]:
     """L2 norm and max |x| of each tensor, on one device, without a host sync.
 
-    ``None`` entries count as zero. Tensors are bucketed by device and dtype and each
-    bucket takes one ``torch._foreach_norm`` for L2 and one for the max. With
-    ``inv_scale``, both are multiplied by it (a pending loss scale divided out).
-    Sharded DTensors contribute their local shard; the shards are combined across the
-    ranks of their ``reduce_keys`` groups (max of the maxima; the norms as
-    ``m * sqrt(sum((n_r / m)**2))`` with ``m`` the largest shard norm, which neither
-    overflows nor underflows), with two collectives per group. Every rank must call
-    this with the same parameter list.
+    Two reads of the tensors: where only the norms are needed, :func:`tensor_norms` reads
+    them once. ``None`` entries count as zero. Tensors are bucketed by device and dtype;
+    each bucket takes one ``torch._foreach_norm`` for L2 (see :func:`tensor_norms` for its
+    precision) and one pass for the max. With ``inv_scale``, both are multiplied by it (a
+    pending loss scale divided out). Sharded DTensors contribute their local shard; the
+    shards are combined across the ranks of their ``reduce_keys`` groups (max of the
+    maxima; the norms as ``m * sqrt(sum((n_r / m)**2))`` with ``m`` the largest shard
+    norm, which neither overflows nor underflows), with two collectives per group. Every
+    rank must call this with the same parameter list.
 
     Args:
         tensors: the tensors (``None`` for a missing gradient).
@@ -643,28 +817,8 @@ def tensor_stats(
         ``(norms, max_abs)``: float32 vectors of ``len(tensors)``. A NaN anywhere in a
         tensor makes both of its entries NaN; an Inf makes them Inf.
     """
-    if cache is None:
-        cache = {}
-    n = len(tensors)
-    if reduce_keys is None:
-        reduce_keys = [() for _ in range(n)]
-    buckets = _stored_buckets(tensors, reduce_keys)
-    if device is None:
-        device = next(iter(buckets))[0] if buckets else torch.device("cpu")
-    norms = torch.zeros(n, dtype=torch.float32, device=device)
-    maxes = torch.zeros(n, dtype=torch.float32, device=device)
-    numel = torch.ones(n, dtype=torch.float32, device=device)
-    for key, (ts, idx) in buckets.items():
-        index, sizes = _bucket_index(cache, key, device, idx, ts)
-        norms.index_copy_(0, index, _norms(ts, 2.0).to(device))
-        maxes.index_copy_(0, index, _max_abs(ts).to(device))
-        numel.index_copy_(0, index, sizes)
-    norms = _repair_range(norms, maxes, numel)
-    norms, maxes = _combine_shards(norms, maxes, reduce_keys, cache, device)
-    if inv_scale is not None:
-        norms = norms * inv_scale
-        maxes = maxes * inv_scale
-    return norms, maxes
+    norms, maxes = _per_tensor(tensors, reduce_keys, device, inv_scale, cache, norms=True, maxes=True)
+    return norms, maxes  # type: ignore[return-value]
 
 
 def total_norm(norms: Tensor) -> Tensor:
@@ -705,45 +859,104 @@ def reduce_norms(norms: Tensor, index: Tensor, size: int) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class HostStats:
     """Grouped gradient statistics on the host (one device-to-host copy).
 
     Attributes:
         total_norm: L2 norm of all gradients together (unscaled).
         group_norms: group name -> L2 norm, in group order.
-        max_abs: largest |g| over all gradients.
+        max_abs: largest |g| over all gradients. When it was not brought along in the
+            copy (:meth:`GroupedStats.to_host` with ``max_abs=False``), reading it computes
+            it then: a pass over the gradients and a host sync of its own.
         nonfinite_groups: groups holding a NaN or Inf, in group order.
         all_finite: no NaN or Inf anywhere.
         extras: the values of the ``extra`` tensors passed to :meth:`GroupedStats.to_host`.
     """
 
-    total_norm: float
-    group_norms: dict[str, float]
-    max_abs: float
-    nonfinite_groups: tuple[str, ...]
-    extras: tuple[list[float], ...] = ()
+    def __init__(
+        self,
+        total_norm: float,
+        group_norms: dict[str, float],
+        max_abs: float | None = None,
+        nonfinite_groups: tuple[str, ...] = (),
+        extras: tuple[list[float], ...] = (),
+        *,
+        max_abs_of: Callable[[], float] | None = None,
+    ) -> None:
+        self.total_norm = total_norm
+        self.group_norms = group_norms
+        self.nonfinite_groups = tuple(nonfinite_groups)
+        self.extras = tuple(extras)
+        self._max_abs = max_abs
+        self._max_abs_of = max_abs_of
+
+    @property
+    def max_abs(self) -> float:
+        if self._max_abs is None:
+            self._max_abs = self._max_abs_of() if self._max_abs_of is not None else math.nan
+        return self._max_abs
 
     @property
     def all_finite(self) -> bool:
         return not self.nonfinite_groups
 
+    def __repr__(self) -> str:
+        shown = "…" if self._max_abs is None else self._max_abs
+        return (
+            f"HostStats(total_norm={self.total_norm}, group_norms={self.group_norms}, max_abs={shown}, "
+            f"nonfinite_groups={self.nonfinite_groups}, extras={self.extras})"
+        )
 
-@dataclass(frozen=True, eq=False)
+
+def _host_max(maxes: list[float]) -> float:
+    return max(maxes, default=0.0) if not any(map(math.isnan, maxes)) else math.nan
+
+
 class GroupedStats:
     """Per-group gradient statistics, still on the device.
 
     Attributes:
         grouping: the partition the values refer to.
         norms: L2 norm per group, shape ``(G,)``.
-        max_abs: max |g| per group, shape ``(G,)``.
+        max_abs: max |g| per group, shape ``(G,)``; computed on first read when the
+            snapshot did not compute it (a pass over the gradients, see
+            :attr:`GradSnapshot.max_abs`).
         present: per group, whether any of its parameters had a gradient (host info).
+        nonfinite: per group, whether it holds a NaN or an Inf (device bool), known
+            from the norms without reading ``max_abs``.
     """
 
-    grouping: Grouping
-    norms: Tensor
-    max_abs: Tensor
-    present: tuple[bool, ...]
+    def __init__(
+        self,
+        grouping: Grouping,
+        norms: Tensor,
+        max_abs: Tensor | None = None,
+        present: tuple[bool, ...] = (),
+        *,
+        nonfinite: Tensor | None = None,
+        max_abs_of: Callable[[], Tensor] | None = None,
+    ) -> None:
+        if max_abs is None and max_abs_of is None and nonfinite is None:
+            raise ValueError("`GroupedStats` needs `max_abs`, or `nonfinite` and `max_abs_of`.")
+        self.grouping = grouping
+        self.norms = norms
+        self.present = tuple(present)
+        self._max_abs = max_abs
+        self._max_abs_of = max_abs_of
+        self._nonfinite = nonfinite
+
+    @property
+    def max_abs(self) -> Tensor:
+        if self._max_abs is None:
+            if self._max_abs_of is None:
+                raise RuntimeError("this `GroupedStats` was built without max |g|.")
+            self._max_abs = self._max_abs_of()
+        return self._max_abs
+
+    @property
+    def max_abs_known(self) -> bool:
+        """Whether ``max_abs`` is computed already (reading it costs nothing more)."""
+        return self._max_abs is not None
 
     @property
     def total_norm(self) -> Tensor:
@@ -753,41 +966,65 @@ class GroupedStats:
     @property
     def nonfinite(self) -> Tensor:
         """Per group, whether it holds a NaN or an Inf (device bool tensor)."""
-        return ~torch.isfinite(self.max_abs)
+        if self._nonfinite is None:
+            self._nonfinite = ~torch.isfinite(self.max_abs)
+        return self._nonfinite
 
     @property
     def all_finite(self) -> Tensor:
         """0-dim device bool: no NaN or Inf in any gradient. Reading it syncs."""
-        return torch.isfinite(self.max_abs).all()
+        return ~self.nonfinite.any()
 
-    def to_host(self, extra: Sequence[Tensor] = ()) -> HostStats:
+    def to_host(self, extra: Sequence[Tensor] = (), *, max_abs: bool | None = None) -> HostStats:
         """Copy the statistics (and optional extra tensors) to the host in one transfer.
 
         Args:
             extra: more device tensors to bring along in the same copy; their values come
                 back flattened in ``HostStats.extras``, in order.
+            max_abs: bring max |g| along (``True``: computed now if it was not); ``None``
+                (default): only if it is computed already, else ``HostStats.max_abs`` is
+                computed when read (a pass and a copy of its own); ``False``: never now.
         """
         g = len(self.grouping)
-        parts = [self.total_norm.view(1), self.norms, self.max_abs, *(e.reshape(-1).to(self.norms) for e in extra)]
+        with_max = bool(max_abs) or (max_abs is None and self._max_abs is not None)
+        parts = [self.total_norm.view(1), self.norms, self.nonfinite.to(self.norms.dtype)]
+        if with_max:
+            parts.append(self.max_abs.to(self.norms.dtype))
+        parts.extend(e.reshape(-1).to(self.norms) for e in extra)
         total, *values = torch.cat(parts).tolist()
-        norms, maxes = values[:g], values[g : 2 * g]
+        norms, bad = values[:g], values[g : 2 * g]
         rest = values[2 * g :]
+        host_max = None
+        if with_max:
+            host_max, rest = _host_max(rest[:g]), rest[g:]
         extras: list[list[float]] = []
         for e in extra:
             extras.append(rest[: e.numel()])
             rest = rest[e.numel() :]
         names = self.grouping.names
-        stats = HostStats(
+        return HostStats(
             total_norm=total,
             group_norms=dict(zip(names, norms)),
-            max_abs=max(maxes, default=0.0) if not any(map(math.isnan, maxes)) else math.nan,
-            nonfinite_groups=tuple(n for n, m in zip(names, maxes) if not math.isfinite(m)),
+            max_abs=host_max,
+            nonfinite_groups=tuple(n for n, b in zip(names, bad) if b),
             extras=tuple(extras),
+            max_abs_of=None if with_max else lambda: _host_max(self.max_abs.tolist()),
         )
-        return stats
+
+    def __repr__(self) -> str:
+        return f"GroupedStats(groups={len(self.grouping)}, norms={self.norms}, max_abs_known={self.max_abs_known})"
 
 
-@dataclass(frozen=True, eq=False)
+#: ``ParamSet.cache`` key: max |g| was asked for, so snapshots of the set compute it with the norms.
+_WANT_MAX_KEY = "max_abs_wanted"
+#: ``ParamSet.cache`` key: how many snapshots of the set were taken (up to :data:`MAX_ABS_LEARNING`).
+_TAKEN_KEY = "snapshots_taken"
+#: The first snapshots of a parameter set compute max |g| with the norms whatever happens; if
+#: none of them is asked for it, later ones compute it only when read. A reader that reads every
+#: step (the alarm, the value clipper) is thus never served stale values.
+MAX_ABS_LEARNING = 8
+
+
 class GradSnapshot:
     """Per-tensor gradient statistics of one :class:`ParamSet` at one moment.
 
@@ -795,21 +1032,69 @@ class GradSnapshot:
 
     Attributes:
         params: the parameter set.
-        norms: L2 norm of each parameter's gradient, shape ``(N,)``; 0 if no grad.
+        norms: L2 norm of each parameter's gradient, shape ``(N,)``; 0 if no grad. NaN or
+            Inf exactly where the gradient holds a NaN or an Inf (a finite gradient's norm
+            beyond float32's range reads 3.4e38).
         max_abs: max |g| of each parameter's gradient, shape ``(N,)``; 0 if no grad.
+            Computed by :func:`take_snapshot` when asked for (``max_abs=True``), for the
+            first :data:`MAX_ABS_LEARNING` snapshots of a parameter set, when an earlier
+            snapshot of the set was asked for it, or in distributed runs; otherwise on
+            first read, from the gradients as they are then (a ``RuntimeWarning`` says
+            so if they changed in place since the snapshot). Any read makes later
+            snapshots of the set compute it up front.
         has_grad: per parameter, whether ``.grad`` was set (host info, no sync).
         scale: the loss scale that was divided out, or ``None``.
     """
 
-    params: ParamSet
-    norms: Tensor
-    max_abs: Tensor
-    has_grad: tuple[bool, ...]
-    scale: Tensor | None = None
-    _cache: dict[int, GroupedStats] = field(default_factory=dict, repr=False)
+    def __init__(
+        self,
+        params: ParamSet,
+        norms: Tensor,
+        max_abs: Tensor | None = None,
+        has_grad: tuple[bool, ...] = (),
+        scale: Tensor | None = None,
+        *,
+        stamp: tuple[Any, ...] | None = None,
+    ) -> None:
+        self.params = params
+        self.norms = norms
+        self.has_grad = tuple(has_grad)
+        self.scale = scale
+        self._max_abs = max_abs
+        self._stamp = stamp
+        self._cache: dict[int, GroupedStats] = {}
+
+    @property
+    def max_abs(self) -> Tensor:
+        params = self.params
+        params.cache[_WANT_MAX_KEY] = True
+        if self._max_abs is None:
+            if self._stamp is not None and self._stamp != _stamp([p.grad for p in params.params]):
+                warnings.warn(
+                    "max |g| of a gradient snapshot was first read after the gradients were changed in place "
+                    "(clipped, unscaled) or replaced: it describes them as they are now. Later snapshots of "
+                    "these parameters compute it with the norms; ask for it up front with "
+                    "`take_snapshot(..., max_abs=True)` to get it right from the first step.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            inv = None if self.scale is None else self.scale.reciprocal()
+            self._max_abs = tensor_max_abs(
+                [p.grad for p in params.params],
+                params.reduce_keys,
+                device=self.norms.device,
+                inv_scale=inv,
+                cache=params.cache,
+            )
+        return self._max_abs
+
+    @property
+    def max_abs_known(self) -> bool:
+        """Whether ``max_abs`` is computed already."""
+        return self._max_abs is not None
 
     def grouped(self, grouping: Grouping) -> GroupedStats:
-        """Aggregate per group with one ``index_add`` (and one ``scatter_reduce`` for max)."""
+        """Aggregate per group with a few ``index_add`` (max |g| per group only when read)."""
         if len(grouping.index) != len(self.params):
             raise ValueError(
                 f"`grouping` covers {len(grouping.index)} parameters but the snapshot has {len(self.params)}."
@@ -820,13 +1105,25 @@ class GradSnapshot:
         g = len(grouping)
         index = grouping.index_tensor(self.norms.device)
         norms = reduce_norms(self.norms, index, g)
-        mx = torch.zeros(g, dtype=torch.float32, device=self.norms.device).scatter_reduce_(
-            0, index, self.max_abs, reduce="amax", include_self=True
-        )
+        bad = (~torch.isfinite(self.norms)).to(self.norms.dtype)
+        nonfinite = torch.zeros(g, dtype=self.norms.dtype, device=self.norms.device).index_add_(0, index, bad) > 0
+
+        def group_max() -> Tensor:
+            return torch.zeros(g, dtype=torch.float32, device=self.norms.device).scatter_reduce_(
+                0, index, self.max_abs, reduce="amax", include_self=True
+            )
+
         present = [False] * g
         for gi, has in zip(grouping.index, self.has_grad):
             present[gi] = present[gi] or has
-        result = GroupedStats(grouping=grouping, norms=norms, max_abs=mx, present=tuple(present))
+        result = GroupedStats(
+            grouping=grouping,
+            norms=norms,
+            max_abs=group_max() if self._max_abs is not None else None,
+            present=tuple(present),
+            nonfinite=nonfinite,
+            max_abs_of=group_max,
+        )
         self._cache[id(grouping)] = result
         return result
 
@@ -837,8 +1134,31 @@ class GradSnapshot:
 
     @property
     def all_finite(self) -> Tensor:
-        """0-dim device bool: no NaN or Inf in any gradient."""
-        return torch.isfinite(self.max_abs).all()
+        """0-dim device bool: no NaN or Inf in any gradient (read from the norms)."""
+        return torch.isfinite(self.norms).all()
+
+    def __repr__(self) -> str:
+        return f"GradSnapshot(tensors={len(self.params)}, norms={self.norms}, max_abs_known={self.max_abs_known})"
+
+
+def _stamp(grads: Sequence[Tensor | None]) -> tuple[Any, ...]:
+    """Which gradient tensors there are and their in-place version counters (about 0.1 us a tensor)."""
+    return tuple(map(id, grads)), tuple([-1 if g is None else g._version for g in grads])
+
+
+def _distributed(group: Any = None) -> bool:
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _agree(values: Tensor, group: Any) -> Tensor:
+    """Per entry, the largest value over the ranks; NaN anywhere makes it NaN, an Inf Inf."""
+    n = len(values)
+    nan, inf = torch.isnan(values), torch.isinf(values)
+    packed = torch.cat([torch.where(nan | inf, torch.zeros_like(values), values), nan.float(), inf.float()])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    out, any_nan, any_inf = packed[:n], packed[n : 2 * n], packed[2 * n :]
+    out = torch.where(any_inf > 0, torch.full_like(out, math.inf), out)
+    return torch.where(any_nan > 0, torch.full_like(out, math.nan), out)
 
 
 def agree_across_ranks(snap: GradSnapshot, group: Any = None) -> GradSnapshot:
@@ -850,25 +1170,28 @@ def agree_across_ranks(snap: GradSnapshot, group: Any = None) -> GradSnapshot:
     rank's gradients differ (a NaN written by a hook after the all-reduce, a rank-local
     overflow). NaN and Inf travel as flags rather than through the MAX reduction (gloo's
     MAX drops NaN): a NaN on any rank makes the entry NaN everywhere, an Inf makes it
-    Inf. One all-reduce of ``4 * len(params)`` floats; no host sync. Without an
+    Inf. One all-reduce of ``4 * len(params)`` floats (``2 *`` when the snapshot has no
+    max |g|, which is then this rank's own when read); no host sync. Without an
     initialised process group, or with one rank, ``snap`` is returned as it is.
     """
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) < 2:
+    if not _distributed(group):
         return snap
     n = len(snap.params)
-    both = torch.cat([snap.norms, snap.max_abs])
-    nan, inf = torch.isnan(both), torch.isinf(both)
-    packed = torch.cat([torch.where(nan | inf, torch.zeros_like(both), both), nan.float(), inf.float()])
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-    values, any_nan, any_inf = packed[: 2 * n], packed[2 * n : 4 * n], packed[4 * n :]
-    values = torch.where(any_inf > 0, torch.full_like(values, math.inf), values)
-    values = torch.where(any_nan > 0, torch.full_like(values, math.nan), values)
+    known = snap._max_abs
+    values = _agree(snap.norms if known is None else torch.cat([snap.norms, known]), group)
     return GradSnapshot(
-        params=snap.params, norms=values[:n], max_abs=values[n:], has_grad=snap.has_grad, scale=snap.scale
+        params=snap.params,
+        norms=values[:n],
+        max_abs=values[n:] if known is not None else None,
+        has_grad=snap.has_grad,
+        scale=snap.scale,
+        stamp=snap._stamp,
     )
 
 
-def take_snapshot(params: ParamSet, *, scale: Tensor | float | None = None) -> GradSnapshot:
+def take_snapshot(
+    params: ParamSet, *, scale: Tensor | float | None = None, max_abs: bool | None = None
+) -> GradSnapshot:
     """Per-tensor statistics of the current gradients of ``params``.
 
     Args:
@@ -876,9 +1199,16 @@ def take_snapshot(params: ParamSet, *, scale: Tensor | float | None = None) -> G
         scale: a loss scale still applied to the gradients (fp16 ``GradScaler`` before
             ``unscale_``); the returned values are divided by it. ``None`` for unscaled
             gradients.
+        max_abs: compute max |g| now (a second pass over the gradients). ``None``
+            (default): for the first :data:`MAX_ABS_LEARNING` snapshots of ``params``,
+            when an earlier snapshot of ``params`` was asked for it, and always
+            in distributed runs (where computing it later would be a collective that
+            every rank must join) or for sparse gradients (which clipping replaces);
+            otherwise on first read (:attr:`GradSnapshot.max_abs`).
 
     Returns:
-        A :class:`GradSnapshot`; no host synchronisation happened.
+        A :class:`GradSnapshot`; no host synchronisation happened. Norms and finiteness
+        take one read of every gradient (:func:`tensor_norms`).
     """
     grads = [p.grad for p in params.params]
     has_grad = tuple(g is not None for g in grads)
@@ -888,8 +1218,17 @@ def take_snapshot(params: ParamSet, *, scale: Tensor | float | None = None) -> G
     if scale is not None:
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
         inv = scale_t.reciprocal()
-    norms, mx = tensor_stats(grads, params.reduce_keys, device=device, inv_scale=inv, cache=params.cache)
-    return GradSnapshot(params=params, norms=norms, max_abs=mx, has_grad=has_grad, scale=scale_t)
+    want: bool | None = max_abs
+    taken = params.cache.get(_TAKEN_KEY, 0)
+    if taken < MAX_ABS_LEARNING:
+        params.cache[_TAKEN_KEY] = taken + 1
+    if want is None and (
+        taken < MAX_ABS_LEARNING or params.cache.get(_WANT_MAX_KEY) or params.sharded or _distributed()
+    ):
+        want = True
+    norms, mx = _per_tensor(grads, params.reduce_keys, device, inv, params.cache, norms=True, maxes=want)
+    stamp = _stamp(grads) if mx is None else None
+    return GradSnapshot(params=params, norms=norms, max_abs=mx, has_grad=has_grad, scale=scale_t, stamp=stamp)  # type: ignore[arg-type]
 
 
 def iter_group_tensors(params: ParamSet, grouping: Grouping, tensors: Iterable[Tensor | None]) -> list[list[Tensor]]:
@@ -913,7 +1252,7 @@ def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
     nonzero = torch.zeros(len(grads), dtype=torch.float32, device=device)
     sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
     for key, (ts, idx) in _stored_buckets(grads).items():
-        index, numel = _bucket_index(params.cache, key, device, idx, ts)
+        index, numel, _ = _bucket_index(params.cache, key, device, idx, ts)
         if not key[-1]:  # sparse: the elements not stored are zeros too
             numel = torch.tensor([float(local_tensor(grads[i]).numel()) for i in idx], device=device)
         nonzero.index_copy_(0, index, _norms(ts, 0.0).to(device))

@@ -1,0 +1,159 @@
+"""One read of the gradients per snapshot: exact norms at any scale, finiteness from the norms, max |g| on demand."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard import _lightning
+from lightning_gradguard.stats import (
+    CPU_WIDE_MAX_NUMEL,
+    MAX_ABS_LEARNING,
+    Grouping,
+    ParamSet,
+    take_snapshot,
+    tensor_norms,
+)
+
+
+def _params(*grads: torch.Tensor | None) -> ParamSet:
+    ps = []
+    for g in grads:
+        p = nn.Parameter(torch.zeros(g.shape if g is not None else (1,), dtype=g.dtype if g is not None else None))
+        p.grad = g
+        ps.append(p)
+    return ParamSet(params=tuple(ps), names=tuple(f"p{i}.weight" for i in range(len(ps))))
+
+
+def _reference(g: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(g.detach().to(torch.complex128 if g.is_complex() else torch.float64)).item()
+
+
+def _count_max_passes(monkeypatch) -> list[int]:
+    calls = [0]
+    original = _lightning.foreach_max_abs
+
+    def counting(tensors):
+        calls[0] += 1
+        return original(tensors)
+
+    monkeypatch.setattr(_lightning, "foreach_max_abs", counting)
+    return calls
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 1e30])
+def test_fp32_norms_equal_a_float64_norm_at_any_scale(scale):
+    torch.manual_seed(0)
+    grads = [torch.randn(n) * scale for n in (1, 7, 256, CPU_WIDE_MAX_NUMEL)]
+    params = _params(*grads)
+    host = take_snapshot(params).grouped(Grouping.build(params, group_by="parameter")).to_host()
+    for g, got in zip(grads, host.group_norms.values()):
+        assert got == pytest.approx(_reference(g), rel=1e-6)
+    total = math.sqrt(sum(_reference(g) ** 2 for g in grads))
+    assert host.total_norm == pytest.approx(total, rel=1e-6)
+    assert host.all_finite
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [
+        (torch.float16, 65504.0),  # fp16 max: squares and norm far beyond fp16
+        (torch.float16, 2.0**-24),  # smallest fp16 subnormal
+        (torch.bfloat16, 3.0e38),  # near bf16/fp32 max: the norm of 64 of them exceeds fp32... almost
+        (torch.bfloat16, 1e-38),
+        (torch.float32, 1.4e-45),  # smallest fp32 subnormal
+    ],
+)
+def test_low_precision_extremes_are_exact(dtype, value):
+    g = torch.full((64,), value, dtype=dtype)
+    want = _reference(g)
+    got = tensor_norms([g])[0].item()
+    if want > torch.finfo(torch.float32).max:
+        assert got == torch.finfo(torch.float32).max  # saturates: a finite gradient never reads Inf
+    else:
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_complex_and_sparse_gradients_are_exact():
+    c = torch.randn(33, dtype=torch.complex64) * 1e-30
+    s = torch.sparse_coo_tensor([[0, 3, 3]], torch.tensor([1e-25, 2e-25, 2e-25]), (5,))
+    norms = tensor_norms([c, s])
+    assert norms[0].item() == pytest.approx(_reference(c), rel=1e-6)
+    assert norms[1].item() == pytest.approx(math.sqrt(1e-50 + 16e-50), rel=1e-6)  # duplicates summed
+
+
+def test_float64_gradients_keep_their_range():
+    tiny, huge = torch.full((8,), 1e-200, dtype=torch.float64), torch.full((8,), 1e300, dtype=torch.float64)
+    norms = tensor_norms([tiny, huge])
+    assert norms[0].item() > 0  # reads float32's smallest value rather than 0
+    assert norms[1].item() == torch.finfo(torch.float32).max and math.isfinite(norms[1].item())
+
+
+def test_finiteness_comes_from_the_norms():
+    ok, nan, inf = torch.ones(4), torch.tensor([1.0, math.nan]), torch.tensor([1.0, -math.inf])
+    params = _params(ok, nan, inf, torch.full((4,), 1e20))
+    snap = take_snapshot(params, max_abs=False)
+    assert not snap.max_abs_known
+    grouped = snap.grouped(Grouping.build(params, group_by="parameter"))
+    assert grouped.nonfinite.tolist() == [False, True, True, False]
+    assert not snap.all_finite.item() and not grouped.all_finite.item()
+    host = grouped.to_host()
+    assert host.nonfinite_groups == ("p1.weight", "p2.weight")
+    assert not snap.max_abs_known  # nothing above needed max |g|
+
+
+def test_max_abs_is_read_once_per_snapshot_only_where_asked(monkeypatch):
+    params = _params(torch.randn(8), torch.randn(3, 3))
+    calls = _count_max_passes(monkeypatch)
+    for _ in range(MAX_ABS_LEARNING):  # the first snapshots take it, in case a reader needs it
+        take_snapshot(params)
+    assert calls[0] == MAX_ABS_LEARNING
+    snap = take_snapshot(params)  # nobody read it: norms only from now on
+    assert calls[0] == MAX_ABS_LEARNING and not snap.max_abs_known
+    grouping = Grouping.build(params, group_by="total")
+    host = snap.grouped(grouping).to_host()
+    assert calls[0] == MAX_ABS_LEARNING
+    want = max(p.grad.abs().max().item() for p in params.params)
+    assert host.max_abs == pytest.approx(want)  # computed on read
+    assert calls[0] == MAX_ABS_LEARNING + 1
+    take_snapshot(params)  # a reader showed up: taken with the norms again
+    assert calls[0] == MAX_ABS_LEARNING + 2
+
+
+def test_max_abs_read_after_an_in_place_change_warns():
+    params = _params(torch.full((4,), 3.0))
+    params.cache["snapshots_taken"] = MAX_ABS_LEARNING
+    snap = take_snapshot(params)
+    params.params[0].grad.mul_(0.5)
+    with pytest.warns(RuntimeWarning, match="changed in place"):
+        assert snap.max_abs.item() == 1.5
+    snap = take_snapshot(params)  # asked for once: up front from now on
+    params.params[0].grad.mul_(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert snap.max_abs.item() == 1.5
+
+
+def test_scaled_snapshot_reads_max_abs_lazily_unscaled():
+    g = torch.tensor([3.0, -4.0]) * 1024
+    params = _params(g)
+    params.cache["snapshots_taken"] = MAX_ABS_LEARNING
+    snap = take_snapshot(params, scale=1024.0)
+    assert snap.norms.item() == pytest.approx(5.0)
+    assert snap.max_abs.item() == pytest.approx(4.0)
+
+
+def test_large_cpu_tensors_keep_a_float32_norm_and_bounds():
+    # float64 accumulation is slow on CPU for large tensors: they keep float32 norms, a max
+    # pass (so max |g| comes for free) and bounds where float32 squares leave the range.
+    tiny = torch.full((CPU_WIDE_MAX_NUMEL + 1,), 1e-25)
+    big = torch.randn(CPU_WIDE_MAX_NUMEL + 1)
+    params = _params(tiny, big)
+    snap = take_snapshot(params, max_abs=False)
+    assert snap.max_abs_known  # taken with the norms anyway
+    assert snap.norms[0].item() == pytest.approx(1e-25, rel=1e-6)  # the lower bound max |g|
+    assert snap.norms[1].item() == pytest.approx(_reference(big), rel=1e-5)
