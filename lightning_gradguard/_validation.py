@@ -136,7 +136,7 @@ def regex(name: str, value: Any, *, entry: str = "") -> re.Pattern[str]:
 
 
 #: Allowed values of ``group_by``.
-GROUP_BY_CHOICES = ("module", "parameter", "depth", "pattern", "total")
+GROUP_BY_CHOICES = ("module", "parameter", "depth", "pattern", "total", "auto")
 #: Group names a user pattern may not take (they are logged keys of their own).
 RESERVED_GROUP_NAMES = frozenset({"total"})
 

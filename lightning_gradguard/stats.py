@@ -58,6 +58,7 @@ except Exception:  # pragma: no cover - exercised only on builds without distrib
     DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
+    "AUTO_MAX_GROUPS",
     "CPU_WIDE_MAX_NUMEL",
     "GROUP_BY_CHOICES",
     "MAX_ABS_LEARNING",
@@ -334,6 +335,46 @@ def _owner(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else _ROOT_GROUP
 
 
+#: ``group_by="auto"``: at most this many groups.
+AUTO_MAX_GROUPS = 64
+
+
+def _span_name(modules: Sequence[str]) -> str:
+    """A name for consecutive modules: ``blocks.0-7`` for ``blocks.0.attn`` … ``blocks.7.mlp``.
+
+    The dotted components the first and last module share, then the first component where
+    they differ as ``first-last`` (``embed-blocks.0`` style spans that share nothing read
+    ``embed-blocks.0``). One module keeps its name.
+
+    Example:
+        >>> _span_name(["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"])
+        'blocks.0-1'
+        >>> _span_name(["blocks.3.attn.q", "blocks.3.mlp"])
+        'blocks.3.attn-mlp'
+        >>> _span_name(["embed", "blocks.0.attn"])
+        'embed-blocks.0'
+    """
+    first, last = modules[0], modules[-1]
+    if len(modules) == 1 or first == last:
+        return first
+    a, b = first.split("."), last.split(".")
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    if common == min(len(a), len(b)):  # one is a prefix of the other (a module and its child)
+        return ".".join(a[:common]) or first
+    head = ".".join(a[:common])
+    span = f"{_label(a, common)}-{_label(b, common)}"
+    return f"{head}.{span}" if head else span
+
+
+def _label(parts: list[str], k: int) -> str:
+    """``parts[k]``, with the next component when it is an index (``blocks.0``)."""
+    if k + 1 < len(parts) and parts[k + 1].isdigit():
+        return f"{parts[k]}.{parts[k + 1]}"
+    return parts[k]
+
+
 def _group_name(name: str, group_by: str, depth: int | None, patterns: Sequence[tuple[str, re.Pattern[str]]]) -> str:
     if group_by == "parameter":
         return name
@@ -397,8 +438,12 @@ class Grouping:
                 ``"depth"`` (module names cut to their first ``group_depth`` components:
                 with depth 2, ``encoder.layers.3.linear1`` falls in ``encoder.layers``),
                 ``"pattern"`` (first regex of ``group_patterns`` that matches the parameter
-                name with ``re.search``; parameters matching none go to ``"other"``), or
-                ``"total"`` (a single group).
+                name with ``re.search``; parameters matching none go to ``"other"``),
+                ``"total"`` (a single group), or ``"auto"`` (``"module"`` groups, and for a
+                model with more than :data:`AUTO_MAX_GROUPS` of them, consecutive ones in
+                forward order merged along the module tree into at most that many, named
+                after what they cover: ``encoder.layers.3`` for a whole layer,
+                ``blocks.0-1`` for ``blocks.0.*`` and ``blocks.1.*``).
             group_depth: the depth for ``group_by="depth"``.
             group_patterns: group name -> regular expression, for ``group_by="pattern"``.
             order: where each parameter runs (default: ``params.forward_order``, if
@@ -408,6 +453,8 @@ class Grouping:
             ValueError: on an unknown ``group_by`` or arguments that do not fit it.
         """
         *_, patterns = _validation.grouping(group_by, group_depth, group_patterns)
+        if group_by == "auto":
+            return cls.build(params, group_by="module", order=order)._merged(AUTO_MAX_GROUPS)
         names: list[str] = []
         position: dict[str, int] = {}
         index: list[int] = []
@@ -450,6 +497,60 @@ class Grouping:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def _merged(self, max_groups: int) -> Grouping:
+        """Consecutive groups merged into at most ``max_groups``, each named after what it covers.
+
+        Merges follow the module tree: names are cut to their first ``d`` components and
+        consecutive groups with the same cut merge. The deepest cut that leaves at most
+        ``max_groups`` is taken when it leaves at least a quarter of them (one group per
+        transformer layer, say); otherwise the next deeper cut is taken and its runs are
+        merged in equal consecutive chunks (``blocks.0-1``, ``blocks.2-3``, ...).
+        """
+        g = len(self.names)
+        if g <= max_groups:
+            return self
+        parts = [n.split(".") for n in self.names]
+
+        def runs(depth: int) -> list[list[int]]:
+            out: list[list[int]] = []
+            last: list[str] | None = None
+            for k, p in enumerate(parts):
+                cut = p[:depth]
+                if cut != last:
+                    out.append([])
+                    last = cut
+                out[-1].append(k)
+            return out
+
+        deepest = max(len(p) for p in parts)
+        by_depth = {d: runs(d) for d in range(1, deepest + 1)}
+        fitting = [d for d in by_depth if len(by_depth[d]) <= max_groups]
+        best = max(fitting) if fitting else None
+        if best is not None and len(by_depth[best]) * 4 >= max_groups:
+            depth, chunk = best, 1
+        else:
+            depth = best + 1 if best is not None else 1
+            chunk = math.ceil(len(by_depth[depth]) / max_groups)
+        units = by_depth[depth]
+        spans = [[k for unit in units[i : i + chunk] for k in unit] for i in range(0, len(units), chunk)]
+        prefixes = [".".join(parts[unit[0]][:depth]) for unit in units]
+        names: list[str] = []
+        for i in range(0, len(units), chunk):
+            first, last = prefixes[i], prefixes[min(i + chunk, len(units)) - 1]
+            name = _span_name([first, last]) if first != last else first
+            while name in names or name in _RESERVED_GROUP_NAMES:
+                name = f"{name}_"
+            names.append(name)
+        where = {k: gi for gi, span in enumerate(spans) for k in span}
+        unplaced = set(self.unplaced)
+        return Grouping(
+            names=tuple(names),
+            index=tuple(where[gi] for gi in self.index),
+            members=tuple(tuple(m for k in span for m in self.members[k]) for span in spans),
+            ordered_by=self.ordered_by,
+            unplaced=tuple(n for n, span in zip(names, spans) if all(self.names[k] in unplaced for k in span)),
+        )
 
     def index_tensor(self, device: torch.device) -> Tensor:
         """``index`` as a long tensor on ``device`` (built once per device)."""
