@@ -983,8 +983,10 @@ class HostStats:
         extras: tuple[list[float], ...] = (),
         *,
         max_abs_of: Callable[[], float] | None = None,
+        on_read: Callable[[], None] | None = None,
     ) -> None:
         self.total_norm = total_norm
+        self._on_read = on_read
         self.group_norms = group_norms
         self.nonfinite_groups = tuple(nonfinite_groups)
         self.extras = tuple(extras)
@@ -993,6 +995,8 @@ class HostStats:
 
     @property
     def max_abs(self) -> float:
+        if self._on_read is not None:
+            self._on_read()
         if self._max_abs is None:
             self._max_abs = self._max_abs_of() if self._max_abs_of is not None else math.nan
         return self._max_abs
@@ -1036,7 +1040,9 @@ class GroupedStats:
         *,
         nonfinite: Tensor | None = None,
         max_abs_of: Callable[[], Tensor] | None = None,
+        on_read: Callable[[], None] | None = None,
     ) -> None:
+        self._on_read = on_read
         if max_abs is None and max_abs_of is None and nonfinite is None:
             raise ValueError("`GroupedStats` needs `max_abs`, or `nonfinite` and `max_abs_of`.")
         self.grouping = grouping
@@ -1048,6 +1054,8 @@ class GroupedStats:
 
     @property
     def max_abs(self) -> Tensor:
+        if self._on_read is not None:
+            self._on_read()
         if self._max_abs is None:
             if self._max_abs_of is None:
                 raise RuntimeError("this `GroupedStats` was built without max |g|.")
@@ -1090,7 +1098,8 @@ class GroupedStats:
         with_max = bool(max_abs) or (max_abs is None and self._max_abs is not None)
         parts = [self.total_norm.view(1), self.norms, self.nonfinite.to(self.norms.dtype)]
         if with_max:
-            parts.append(self.max_abs.to(self.norms.dtype))
+            mx = self._max_abs if self._max_abs is not None and not max_abs else self.max_abs
+            parts.append(mx.to(self.norms.dtype))
         parts.extend(e.reshape(-1).to(self.norms) for e in extra)
         total, *values = torch.cat(parts).tolist()
         norms, bad = values[:g], values[g : 2 * g]
@@ -1110,6 +1119,7 @@ class GroupedStats:
             nonfinite_groups=tuple(n for n, b in zip(names, bad) if b),
             extras=tuple(extras),
             max_abs_of=None if with_max else lambda: _host_max(self.max_abs.tolist()),
+            on_read=self._on_read if with_max else None,
         )
 
     def __repr__(self) -> str:
@@ -1165,6 +1175,9 @@ class GradSnapshot:
         self._stamp = stamp
         self._cache: dict[int, GroupedStats] = {}
 
+    def _mark_wanted(self) -> None:
+        self.params.cache[_WANT_MAX_KEY] = True
+
     @property
     def max_abs(self) -> Tensor:
         params = self.params
@@ -1209,9 +1222,10 @@ class GradSnapshot:
         bad = (~torch.isfinite(self.norms)).to(self.norms.dtype)
         nonfinite = torch.zeros(g, dtype=self.norms.dtype, device=self.norms.device).index_add_(0, index, bad) > 0
 
-        def group_max() -> Tensor:
+        def group_max(values: Tensor | None = None) -> Tensor:
+            values = self.max_abs if values is None else values
             return torch.zeros(g, dtype=torch.float32, device=self.norms.device).scatter_reduce_(
-                0, index, self.max_abs, reduce="amax", include_self=True
+                0, index, values, reduce="amax", include_self=True
             )
 
         present = [False] * g
@@ -1220,10 +1234,11 @@ class GradSnapshot:
         result = GroupedStats(
             grouping=grouping,
             norms=norms,
-            max_abs=group_max() if self._max_abs is not None else None,
+            max_abs=group_max(self._max_abs) if self._max_abs is not None else None,
             present=tuple(present),
             nonfinite=nonfinite,
             max_abs_of=group_max,
+            on_read=self._mark_wanted,
         )
         self._cache[id(grouping)] = result
         return result

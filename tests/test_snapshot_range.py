@@ -157,3 +157,26 @@ def test_large_cpu_tensors_keep_a_float32_norm_and_bounds():
     assert snap.max_abs_known  # taken with the norms anyway
     assert snap.norms[0].item() == pytest.approx(1e-25, rel=1e-6)  # the lower bound max |g|
     assert snap.norms[1].item() == pytest.approx(_reference(big), rel=1e-5)
+
+
+def test_grouping_and_copying_do_not_count_as_reading_max_abs(monkeypatch):
+    params = _params(torch.randn(8), torch.randn(3, 3))
+    grouping = Grouping.build(params, group_by="parameter")
+    for _ in range(MAX_ABS_LEARNING):  # eager snapshots, grouped and copied, max never read
+        grouped = take_snapshot(params).grouped(grouping)
+        grouped.to_host()
+        assert grouped.max_abs_known and grouped.all_finite.item()
+    calls = _count_max_passes(monkeypatch)
+    take_snapshot(params)
+    assert calls[0] == 0  # nobody read max |g|: norms only
+
+
+def test_reading_an_up_front_max_abs_keeps_it_up_front(monkeypatch):
+    params = _params(torch.randn(8))
+    grouping = Grouping.build(params, group_by="total")
+    for _ in range(MAX_ABS_LEARNING):
+        host = take_snapshot(params).grouped(grouping).to_host()
+    assert host.max_abs > 0  # a reader of the copied value
+    calls = _count_max_passes(monkeypatch)
+    take_snapshot(params)
+    assert calls[0] == 1
