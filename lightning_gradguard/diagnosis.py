@@ -525,7 +525,7 @@ class HealthDetector:
         if self.config.dead_unit_share is None:
             units = None
         st = self._ensure_state(stats.grouping.names, units.num_units if units is not None else 0, device)
-        finite = torch.isfinite(stats.max_abs).all()
+        finite = stats.all_finite  # from the norms: no max |g| pass needed
         if loss_finite is not None:
             finite = finite & loss_finite.to(device)
         total = stats.total_norm
@@ -661,7 +661,7 @@ class HealthDetector:
         has = self._present_cache.get(key)
         if has is None:  # built once per layout: no host-to-device copy per step
             has = self._present_cache[key] = torch.tensor(stats.present, dtype=torch.bool, device=finite.device)
-        zero_now = (stats.max_abs == 0) & has
+        zero_now = (stats.norms == 0) & has  # a norm is 0 exactly when every element is
         dead_run = torch.where(zero_now, st.dead_run + 1, torch.zeros_like(st.dead_run))
         st.dead_run = torch.where(finite, dead_run, st.dead_run)
         return (st.dead_run >= self.config.dead_patience).any()

@@ -20,7 +20,7 @@ from helpers import (
     read_scalars,
 )
 
-from lightning_gradguard import GradientNormLogger
+from lightning_gradguard import AdaptiveClipper, GradientNormLogger
 from lightning_gradguard.callbacks._base import GradGuardCallback
 
 
@@ -289,3 +289,28 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 def test_arguments_are_keyword_only():
     with pytest.raises(TypeError):
         GradientNormLogger(10)  # type: ignore[misc]
+
+
+def test_logged_max_abs_is_pre_clip_when_a_clipper_runs_first(tmp_path, recwarn):
+    """Snapshots compute max |g| lazily; a logger that reads it after a clipper must still see pre-clip values."""
+
+    class PreClipMax(RecordingMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre_clip: dict[int, float] = {}
+
+        def on_after_backward(self) -> None:  # before on_before_optimizer_step, where the clipper scales
+            grads = [p.grad.detach().abs().max() for p in self.parameters() if p.grad is not None]
+            self.pre_clip[self.trainer.global_step] = torch.stack(grads).max().item()
+
+    model = PreClipMax()
+    clipper = AdaptiveClipper(mode="norm", max_norm=1e-4)  # clips every step, hard
+    logger_cb = GradientNormLogger(log_max_abs=True, log_every_n_steps=10)
+    trainer = make_trainer(tmp_path, [clipper, logger_cb], max_steps=20)
+    trainer.fit(model, loader())
+    logged = read_scalars(trainer.logger.log_dir)["grad_max_abs/total"]
+    assert sorted(logged) == [9, 19]  # past the first snapshots, where max |g| is always computed up front
+    for step, value in logged.items():
+        assert value == pytest.approx(model.pre_clip[step], rel=1e-6), f"step {step}: post-clip value logged"
+        assert value > 1e-3  # the clipped gradients' max would be below max_norm=1e-4
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "max" in str(w.message)]

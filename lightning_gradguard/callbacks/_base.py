@@ -28,7 +28,7 @@ from lightning_gradguard.callbacks import _session
 from lightning_gradguard.stats import GradSnapshot, Grouping, ParamSet
 
 #: How parameters form layers (the ``group_by`` argument of every callback), for LightningCLI's ``--help``.
-GroupBy = Literal["module", "parameter", "depth", "pattern", "total"]
+GroupBy = Literal["module", "parameter", "depth", "pattern", "total", "auto"]
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,21 @@ class GradGuardCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _session.check_strategy(trainer.strategy, type(self).__name__)
-        attached = _session.session(trainer).attached.setdefault(type(self), [])
+        state = _session.session(trainer)
+        attached = state.attached.setdefault(type(self), [])
         if self not in attached:
             attached.append(self)
+        if self.needs_max_abs:
+            state.wants_max_abs = True
+
+    @property
+    def needs_max_abs(self) -> bool:
+        """Whether this callback reads max |g| of the step snapshot (then every snapshot computes it up front).
+
+        Snapshots otherwise compute max |g| only when read, from the gradients as they are
+        then: a reader that comes after a clipper must say so here to see pre-clip values.
+        """
+        return False
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -34,6 +34,8 @@ class Session:
         backward_count: backward passes seen so far (the snapshot key of a micro-batch).
         attached: the gradguard callbacks of the trainer, by class (filled at ``setup``).
         layout: the custom-scalars charts last written (:func:`write_layout`).
+        wants_max_abs: an attached callback reads max |g| (``needs_max_abs``): snapshots
+            compute it with the norms, before anything changes the gradients.
         last_loss: the loss of the latest backward pass (its autograd graph's structure
             gives the forward order of the layers, ``stats.ForwardOrder``).
     """
@@ -42,6 +44,7 @@ class Session:
     attached: dict[type, list[Any]] = field(default_factory=dict)
     layout: dict[str, list[Any]] | None = None
     last_loss: Tensor | None = None
+    wants_max_abs: bool = False
     _param_sets: dict[Any, tuple[Any, list[Any], ParamSet]] = field(default_factory=dict)
     _snapshot_key: tuple[Any, ...] | None = None
     _snapshots: dict[tuple[Any, ...], GradSnapshot] = field(default_factory=dict)
@@ -152,7 +155,8 @@ def shared_snapshot(
     snap = state._snapshots.get(key)
     if snap is None:
         params = param_set(trainer, pl_module, optimizer)
-        snap = take_snapshot(params, scale=pending_scale(trainer, optimizer, phase))
+        max_abs = True if state.wants_max_abs else None
+        snap = take_snapshot(params, scale=pending_scale(trainer, optimizer, phase), max_abs=max_abs)
         if phase == PHASE_STEP and trainer.world_size > 1:
             snap = agree_across_ranks(snap)
         state._snapshots[key] = snap

@@ -204,6 +204,11 @@ class GradientNormLogger(GradGuardCallback):
 
     @property
     @override
+    def needs_max_abs(self) -> bool:
+        return self.log_max_abs
+
+    @property
+    @override
     def state_key(self) -> str:
         """The settings that tell two loggers apart, so that several fit in one checkpoint."""
         return self._generate_state_key(
