@@ -165,7 +165,8 @@ def test_help_lists_the_choices_and_a_typo_is_a_short_error(capsys):
         _example_cli().main(["fit", "--trainer.callbacks.help", "GradientNormLogger"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "{module,parameter,depth,pattern,total,auto}" in out and "{on_before_optimizer_step,on_after_backward}" in out
+    assert "{module,parameter,depth,pattern,total,auto}" in out
+    assert "{on_before_optimizer_step,on_after_backward}" in out
     with pytest.raises(SystemExit) as info:
         _example_cli().main(["fit", "--trainer.callbacks+=GradientNormLogger", "--trainer.callbacks.hook=on_step"])
     assert info.value.code != 0
