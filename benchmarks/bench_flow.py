@@ -68,7 +68,7 @@ def main() -> None:
         ids = torch.randint(0, VOCAB, (args.steps * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
         model = ReferenceModel(Switch(["baseline"]))  # the switch only serves bench_overhead's own conditions
         trainer.fit(model, DataLoader(TensorDataset(ids), batch_size=BATCH))
-    history = logger_cb._flows[""]
+    history = logger_cb.flow_histories[""]
     drawn = {s for s in timer.times if (s + 1) % args.every == 0}
     warm = 10
     picture = [t for s, t in timer.times.items() if s in drawn and s >= warm]

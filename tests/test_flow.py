@@ -158,7 +158,7 @@ def test_a_nan_step_is_left_out_of_the_scalars_and_red_in_the_picture(tmp_path):
     scalars = read_scalars(trainer.logger.log_dir)
     assert 3 not in scalars["grad_norm/total"] and 3 not in scalars["grad_norm/body.0"]
     assert scalars["grad_norm/body.2"][3] > 0, "the finite layers of that step are logged"
-    history = cb._flows[""]
+    history = cb.flow_histories[""]
     column = history.steps.index(3)
     assert history.matrix()[history.names.index("body.0"), column] == math.inf  # drawn red
 
@@ -190,7 +190,7 @@ def test_history_survives_a_checkpoint(tmp_path):
     resumed = GradientNormLogger(flow_every_n_steps=100)
     trainer = make_trainer(tmp_path / "b", [resumed], max_steps=8)
     trainer.fit(DeepSigmoid(), loader(n=256), ckpt_path=str(path))
-    assert resumed._flows[""].steps == list(range(8)), "the picture covers the steps before the resume"
+    assert resumed.flow_histories[""].steps == list(range(8)), "the picture covers the steps before the resume"
 
 
 # --------------------------------------------------------------------------------------

@@ -241,6 +241,19 @@ def test_histograms_and_custom_scalars_layout(tmp_path):
     ]
 
 
+def test_custom_scalars_layout_holds_the_other_callbacks_charts(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    trainer = make_trainer(tmp_path, [AdaptiveClipper(), GradientNormLogger()], max_steps=3)
+    trainer.fit(RecordingMLP(), loader())
+    acc = read_accumulator(trainer.logger.log_dir)
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {chart.title: chart for cat in layout.category for chart in cat.chart}
+    clip = charts["clipping: threshold vs pre-clip norm"]  # the clipper's own chart, written by the logger
+    assert list(clip.multiline.tag) == [r"^clip/(opt\d+/)?(threshold|pre_norm)$"]
+    assert "clip/threshold" in acc.Tags()["scalars"] and "clip/pre_norm" in acc.Tags()["scalars"]
+
+
 class SnapshotProbe(GradGuardCallback):
     def __init__(self):
         self.seen = []

@@ -250,6 +250,11 @@ class AdaptiveClipper(GradGuardCallback):
 
     # ------------------------------------------------------------------ identity
 
+    @override
+    def custom_scalar_charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
+        """The clipper's chart in the "gradguard" custom-scalars tab (the logger writes the layout)."""
+        return {"clipping: threshold vs pre-clip norm": ["Multiline", [r"^clip/(opt\d+/)?(threshold|pre_norm)$"]]}
+
     @property
     @override
     def needs_max_abs(self) -> bool:

@@ -10,13 +10,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradguard import _lightning, _validation, flow
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback, GroupBy, Layers, is_due
+from lightning_gradguard.callbacks._flow_pictures import FlowPictures
 from lightning_gradguard.stats import (
     Grouping,
     ParamSet,
@@ -195,11 +196,7 @@ class GradientNormLogger(GradGuardCallback):
         self.flow_history = flow_history
         self._pending: list[_PendingUpdate] = []
         self._last_backward_step: int | None = None
-        self._flows: dict[str, flow.FlowHistory] = {}  # per optimizer segment ("" or "opt<i>/")
-        self._flow_next: int | None = None  # the step (+1) from which the next pictures are due
-        self._flow_due: set[str] = set()
-        self._flow_drawn: dict[str, int] = {}
-        self._flow_on = False
+        self._pictures = FlowPictures(flow_every_n_steps, flow_history, hook)
         self._names: dict[str, tuple[str, ...]] = {}  # layer names last written to the Text tab
 
     @property
@@ -229,38 +226,20 @@ class GradientNormLogger(GradGuardCallback):
                 "GradientNormLogger has no logger to write to (the Trainer has `logger=False`); "
                 "it will log nothing. Attach a TensorBoardLogger or CSVLogger."
             )
-        self._flow_on = False
-        if stage != "fit" or not self.flow_every_n_steps:
-            return
-        has_tensorboard = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
-        why = flow.plotting_unavailable()
-        if not has_tensorboard:
-            why = "they go to TensorBoard's Images tab and the Trainer has no TensorBoardLogger"
-        elif self.group_by == "total":
-            has_tensorboard = False  # the user's choice: a note, not a warning
-            why = 'group_by="total" leaves no layers to draw'
-        if why is None:
-            self._flow_on = True
-        elif has_tensorboard:
-            rank_zero_warn(
-                f"GradientNormLogger: the gradient-flow pictures are off: {why}. The scalars are logged as usual; "
-                "pass flow_every_n_steps=None to silence this."
-            )
-        else:
-            rank_zero_info(f"GradientNormLogger: the gradient-flow pictures are off: {why}.")
+        self._pictures.on = False
+        if stage == "fit":
+            self._pictures.setup(trainer, self.group_by)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.clear()
         self._last_backward_step = None
-        self._flow_due.clear()
         self._names.clear()  # a new Trainer: its logs get the layer list and the layout again
-        if self._flow_next is None and self.flow_every_n_steps:
-            self._flow_next = self.flow_every_n_steps
+        self._pictures.start()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw_flows(trainer, final=True)
+        self._pictures.draw(trainer, final=True)
 
     # ------------------------------------------------------------------ hooks
 
@@ -292,8 +271,8 @@ class GradientNormLogger(GradGuardCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         while self._pending:
             self._log_update(trainer, self._pending.pop(0))
-        if self._flow_due:
-            self._draw_flows(trainer)
+        if self._pictures.due:
+            self._pictures.draw(trainer)
 
     # ------------------------------------------------------------------ work
 
@@ -345,18 +324,12 @@ class GradientNormLogger(GradGuardCallback):
                         metrics[f"param_norm/{opt_seg}{name}"] = value
         _session.log_metrics(trainer, metrics, step, finite_only=True)
         self._describe_layers(trainer, grouping, opt_seg, step)
-        if self._flow_on:
+        if self._pictures.on:
             norms = [v if has else None for v, has in zip(host.group_norms.values(), stats.present)]
-            history = self._flows.get(opt_seg)
-            if history is None:
-                history = self._flows[opt_seg] = flow.FlowHistory(self.flow_history)
-            history.add(step, grouping.names, norms)
+            layer_weights = None
             if self.log_param_norms:
-                history.extras["param_norm"] = {
-                    n: v for n, v, has in zip(grouping.names, host.extras[0], stats.present) if has
-                }
-            if self._flow_next is not None and step + 1 >= self._flow_next:
-                self._flow_due.add(opt_seg)
+                layer_weights = {n: v for n, v, has in zip(grouping.names, host.extras[0], stats.present) if has}
+            self._pictures.record(opt_seg, step, grouping.names, norms, layer_weights)
 
         if self.histogram_every_n_steps and is_due(step, self.histogram_every_n_steps):
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
@@ -396,9 +369,7 @@ class GradientNormLogger(GradGuardCallback):
             for which, name in _first_middle_last(list(by_name)).items():
                 metrics[f"update_ratio_log10/{pending.prefix}{which}"] = _log10(by_name[name])
         _session.log_metrics(trainer, metrics, pending.step, finite_only=True)
-        history = self._flows.get(pending.prefix)
-        if history is not None:
-            history.extras["update_ratio"] = by_name
+        self._pictures.note_update_ratio(pending.prefix, by_name)
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -438,32 +409,6 @@ class GradientNormLogger(GradGuardCallback):
         )
         _session.log_text(trainer, f"gradguard/layers{'/' + opt_seg.rstrip('/') if opt_seg else ''}", text, step)
 
-    def _draw_flows(self, trainer: pl.Trainer, final: bool = False) -> None:
-        """Draw the due gradient-flow pictures (all of them with ``final``) to the Images tab."""
-        due = set(self._flows) if final else self._flow_due
-        self._flow_due = set()
-        if not self._flow_on or not trainer.is_global_zero:
-            return
-        tag = "grad_flow_microbatch" if self.hook == "on_after_backward" else "grad_flow"
-        run = getattr(trainer.logger, "name", None) or ""
-        latest = None
-        for seg in sorted(due):
-            history = self._flows[seg]
-            step = history.latest_step
-            if step is None or self._flow_drawn.get(seg) == step:
-                continue
-            self._flow_drawn[seg] = latest = step
-            what = "micro-batch gradient" if self.hook == "on_after_backward" else "gradient"
-            label = f"{run} {seg.rstrip('/')}".strip()
-            heat_title = f"log10 {what} L2 norm per layer, steps {history.steps[0] if len(history) else step}-{step}"
-            prof_title = f"{what} L2 norm per layer at step {step} (input side at the left)"
-            if label:
-                heat_title, prof_title = f"{label}: {heat_title}", f"{label}: {prof_title}"
-            _session.log_image(trainer, f"{tag}/{seg}heatmap", flow.heatmap_png(history, title=heat_title), step)
-            _session.log_image(trainer, f"{tag}/{seg}profile", flow.profile_png(history, title=prof_title), step)
-        if latest is not None and self.flow_every_n_steps:
-            self._flow_next = ((latest + 1) // self.flow_every_n_steps + 1) * self.flow_every_n_steps
-
     @override
     def custom_scalar_charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
         """The logger's charts: total norm, first/middle/last layer in log10, and optional families."""
@@ -490,11 +435,7 @@ class GradientNormLogger(GradGuardCallback):
 
     def _charts(self, trainer: pl.Trainer) -> dict[str, list[Any]]:
         """The whole "gradguard" tab: this logger's charts, then those of the other attached callbacks."""
-        from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper
-
         charts = self.custom_scalar_charts(trainer)
-        if self.attached(trainer, AdaptiveClipper):
-            charts["clipping: threshold vs pre-clip norm"] = ["Multiline", [r"^clip/(opt\d+/)?(threshold|pre_norm)$"]]
         for callbacks in _session.session(trainer).attached.values():
             for callback in callbacks:
                 if callback is not self and not isinstance(callback, GradientNormLogger):
@@ -505,15 +446,13 @@ class GradientNormLogger(GradGuardCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "flows": {seg: history.state_dict() for seg, history in self._flows.items()},
-            "flow_next": self._flow_next,
-        }
+        return self._pictures.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._flows = {}
-        for seg, saved in state_dict.get("flows", {}).items():
-            history = self._flows[seg] = flow.FlowHistory(self.flow_history)
-            history.load_state_dict(saved)
-        self._flow_next = state_dict.get("flow_next", self._flow_next)
+        self._pictures.load_state_dict(state_dict)
+
+    @property
+    def flow_histories(self) -> dict[str, flow.FlowHistory]:
+        """The gradient-flow history per optimizer (``""``, or ``"opt<i>/"`` with several), for your own plots."""
+        return self._pictures.histories
