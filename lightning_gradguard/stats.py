@@ -242,15 +242,21 @@ class ForwardOrder:
     """
 
     first_use: tuple[int | None, ...]
+    #: positions (in the set) of the parameters the graph did not reach; derived once, so the
+    #: per-step check of :func:`record_forward_order` looks at these only
+    unreached: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unreached", tuple(i for i, u in enumerate(self.first_use) if u is None))
 
     @property
     def traced(self) -> bool:
-        return any(u is not None for u in self.first_use)
+        return len(self.unreached) < len(self.first_use)
 
     @property
     def complete(self) -> bool:
         """Every parameter was reached."""
-        return all(u is not None for u in self.first_use)
+        return not self.unreached
 
     @classmethod
     def of(cls, loss: Tensor | None, params: ParamSet) -> ForwardOrder:
@@ -309,9 +315,7 @@ def record_forward_order(
             return False
         # unreached parameters that have a gradient now; each set is walked for once only, so
         # parameters the graph never reaches (behind a reentrant checkpoint) cost no walk per step
-        waiting = frozenset(
-            i for i, (u, p) in enumerate(zip(known.first_use, params.params)) if u is None and p.grad is not None
-        )
+        waiting = frozenset(i for i in known.unreached if params.params[i].grad is not None)
         if not waiting or waiting <= params.cache.get(_TRIED_KEY, frozenset()):
             return False
         params.cache[_TRIED_KEY] = waiting | params.cache.get(_TRIED_KEY, frozenset())
