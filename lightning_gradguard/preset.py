@@ -45,37 +45,31 @@ ENV_VAR = "GRADGUARD"
 Preset = Literal["recommended", "full", "log", "alarm"]
 
 
-def _recommended(log_every_n_steps: int | None, flow_every_n_steps: int | None) -> list[Callback]:
-    return [
-        GradientNormLogger(log_every_n_steps=log_every_n_steps, flow_every_n_steps=flow_every_n_steps),
-        VanishExplodeAlarm(log_every_n_steps=log_every_n_steps),
-        AmpUnscaleCheck(log_every_n_steps=log_every_n_steps),
-    ]
+#: The logger's extra settings in the ``"full"`` preset.
+_FULL_LOGGER = {"log_param_norms": True, "log_update_ratio": True, "log_max_abs": True}
 
 
-def _full(log_every_n_steps: int | None, flow_every_n_steps: int | None) -> list[Callback]:
-    return [
-        GradientNormLogger(
-            log_every_n_steps=log_every_n_steps,
-            flow_every_n_steps=flow_every_n_steps,
-            log_param_norms=True,
-            log_update_ratio=True,
-            log_max_abs=True,
-        ),
-        VanishExplodeAlarm(log_every_n_steps=log_every_n_steps),
-        AmpUnscaleCheck(log_every_n_steps=log_every_n_steps),
-    ]
+def _build(preset: str, log_every_n_steps: int | None, flow_every_n_steps: int | None) -> list[Callback]:
+    """The callbacks of ``preset``, all at one logging interval."""
+    out: list[Callback] = []
+    if preset != "alarm":
+        extra = _FULL_LOGGER if preset == "full" else {}
+        out.append(
+            GradientNormLogger(log_every_n_steps=log_every_n_steps, flow_every_n_steps=flow_every_n_steps, **extra)
+        )
+    if preset != "log":
+        out.append(VanishExplodeAlarm(log_every_n_steps=log_every_n_steps))
+    if preset in ("recommended", "full"):
+        out.append(AmpUnscaleCheck(log_every_n_steps=log_every_n_steps))
+    return out
 
 
-#: What each preset holds: name -> (description, builder).
-PRESETS: dict[str, tuple[str, Callable[[int | None, int | None], list[Callback]]]] = {
-    "recommended": ("GradientNormLogger, VanishExplodeAlarm and AmpUnscaleCheck with their defaults", _recommended),
-    "full": ("the recommended set, the logger also with weight norms, update ratios and largest |g|", _full),
-    "log": (
-        "GradientNormLogger alone",
-        lambda n, f: [GradientNormLogger(log_every_n_steps=n, flow_every_n_steps=f)],
-    ),
-    "alarm": ("VanishExplodeAlarm alone", lambda n, f: [VanishExplodeAlarm(log_every_n_steps=n)]),
+#: What each preset holds: name -> description (:func:`_build` makes the callbacks).
+PRESETS: dict[str, str] = {
+    "recommended": "GradientNormLogger, VanishExplodeAlarm and AmpUnscaleCheck with their defaults",
+    "full": "the recommended set, the logger also with weight norms, update ratios and largest |g|",
+    "log": "GradientNormLogger alone",
+    "alarm": "VanishExplodeAlarm alone",
 }
 
 _ON = ("1", "true", "yes", "on")
@@ -101,7 +95,7 @@ def preset_from_env(environ: Mapping[str, str] | None = None) -> str | None:
         return "recommended"
     if value in PRESETS:
         return value
-    allowed = ", ".join(f"{name} ({what})" for name, (what, _) in PRESETS.items())
+    allowed = ", ".join(f"{name} ({what})" for name, what in PRESETS.items())
     raise ValueError(
         f"The environment variable {ENV_VAR}={raw!r} names no gradguard preset. Use 1 (the recommended set), "
         f"one of: {allowed}; or 0 / unset for none."
@@ -151,7 +145,7 @@ class GradGuard(Callback):
         self.preset = _validation.choice("preset", preset, tuple(PRESETS))
         self.log_every_n_steps = _validation.integer("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.flow_every_n_steps = _validation.integer("flow_every_n_steps", flow_every_n_steps, allow_none=True)
-        self.callbacks: list[Callback] = PRESETS[self.preset][1](self.log_every_n_steps, self.flow_every_n_steps)
+        self.callbacks: list[Callback] = _build(self.preset, self.log_every_n_steps, self.flow_every_n_steps)
         #: added by the ``GRADGUARD`` environment variable: gives way to callbacks the script attached itself
         self.from_env = False
 
@@ -167,7 +161,9 @@ class GradGuard(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(preset=self.preset, log_every_n_steps=self.log_every_n_steps)
+        return self._generate_state_key(
+            preset=self.preset, log_every_n_steps=self.log_every_n_steps, flow_every_n_steps=self.flow_every_n_steps
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.from_env:
