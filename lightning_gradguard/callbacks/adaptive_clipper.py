@@ -20,17 +20,24 @@ from typing_extensions import override
 from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._base import GradGuardCallback
+from lightning_gradguard.callbacks._device_skip import accepts_device_skip, skip_on_device
 from lightning_gradguard.clipping import MODES, ClipResult, LearnedThreshold, Step
 
 
 @dataclass
 class _OptState:
-    """What the clipper remembers about one optimizer."""
+    """What the clipper remembers about one optimizer.
+
+    The skip counters are ``int`` where the skip is decided on the host and 0-dim int64
+    device tensors where it is decided on the device (read with the next logging step's
+    host copy, or by a property, a checkpoint, the end of training).
+    """
 
     steps: int = 0  # optimizer steps seen
-    skipped_steps: int = 0
-    over_streak: int = 0  # steps in a row above skip_factor x bound, up to the last one
-    skips_refused: int = 0  # of those, clipped rather than skipped (skip_limit reached)
+    skipped_steps: Tensor | int = 0
+    over_streak: Tensor | int = 0  # steps in a row above skip_factor x bound, up to the last one
+    skips_refused: Tensor | int = 0  # of those, clipped rather than skipped (skip_limit reached)
+    first_refusal: Tensor | int = -1  # global step of the first refusal (-1: none), for the warning
     interval_steps: int = 0  # steps since the last logged one
     interval_clipped: Tensor | int = 0  # of which clipped (device tensor between logs)
     last: dict[str, Tensor | float] = field(default_factory=dict)
@@ -98,9 +105,13 @@ class AdaptiveClipper(GradGuardCallback):
       :class:`~lightning_gradguard.VanishExplodeAlarm`'s job.) Steps without any gradient
       are ignored too.
     - Clipping runs on the device with foreach kernels and a device-side
-      coefficient; on steps that do not log, nothing is copied to the host, except with
-      ``skip_factor``, which needs one boolean per step (combined across ranks, so every
-      rank skips the same steps).
+      coefficient; on steps that do not log, nothing is copied to the host. With
+      ``skip_factor`` and an optimizer that can skip a step from a device flag (torch's
+      ``fused=True`` ``Adam``/``AdamW``/``SGD``/``Adagrad``, without an fp16
+      ``GradScaler``) the skip is decided on the device too, through the optimizer's
+      ``found_inf``, and the ranks agree by an all-reduce; with any other optimizer the
+      decision costs one boolean read on the host per step (combined across ranks). Either
+      way every rank skips the same steps.
     - The state (statistics and counters, one set per optimizer) is saved in checkpoints;
       a resumed run follows the same thresholds as an uninterrupted one. ``state_key``
       holds every setting, so several clippers fit in one checkpoint; options such as
@@ -322,6 +333,15 @@ class AdaptiveClipper(GradGuardCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mode.start()
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the refusal warning of a device-side skip that no logging step read (one host copy, once)."""
+        for idx, state in self._opt.items():
+            if not self._warned_refusal and isinstance(state.skips_refused, Tensor):
+                refused, first_refusal = _to_host(_skip_counters(state)[1:], state.skips_refused.device)
+                if refused and first_refusal >= 0:
+                    self._warn_refusal(trainer, idx, int(first_refusal))
+
     # ------------------------------------------------------------------ the step
 
     @override
@@ -337,39 +357,77 @@ class AdaptiveClipper(GradGuardCallback):
         state.interval_steps += 1
         if not any(snap.has_grad):  # no backward this step: nothing to clip, nothing to learn
             return
+        on_device = self.skip_factor is not None and accepts_device_skip(trainer, optimizer)
+        if on_device:  # the streak becomes a device tensor once, then stays one
+            state.over_streak = torch.as_tensor(state.over_streak, device=snap.total_norm.device)
         step = Step.of(
             snap,
             index=idx,
             count=state.steps,
             measure=log_now,
             agree=lambda skip: trainer.strategy.reduce_boolean_decision(skip, all=False),
+            agree_on_device=_any_rank if on_device else None,
             over_streak=state.over_streak,
         )
         result = self._mode.apply(step)
         for message in result.warnings:
             rank_zero_warn(message)
-        if result.skipped:
-            _session.drop_gradients(optimizer)
-            state.skipped_steps += 1
-        elif result.over_skip:
-            state.skips_refused += 1
-            self._warn_refusal(trainer, idx, state)
-        if result.over_skip is not None:  # a non-finite step neither extends nor ends a streak
-            state.over_streak = state.over_streak + 1 if result.over_skip else 0
+        if on_device:
+            self._count_on_device(trainer, optimizer, state, step, result)
+        else:
+            if result.skipped:
+                _session.drop_gradients(optimizer)
+                state.skipped_steps += 1
+            elif result.over_skip:
+                state.skips_refused += 1
+                self._warn_refusal(trainer, idx, trainer.global_step)
+            if result.over_skip is not None:  # a non-finite step neither extends nor ends a streak
+                state.over_streak = state.over_streak + 1 if result.over_skip else 0
         self._record(state, step, result)
         if log_now:
             self._log(trainer, idx, state, result.extra)
 
-    def _warn_refusal(self, trainer: pl.Trainer, idx: int, state: _OptState) -> None:
-        """Say once that skipping stopped: ``skip_limit`` outliers in a row are a new regime, not a spike."""
+    def _count_on_device(
+        self,
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        state: _OptState,
+        step: Step,
+        result: ClipResult,
+    ) -> None:
+        """Skip the step from the mode's device verdict and count it, all on the device.
+
+        The host path's bookkeeping with ``torch.where``: an outlier extends the streak, a
+        finite step below the bound ends it, a non-finite step leaves it as it is. The
+        refusal warning waits for the next host copy (:meth:`_log`, :meth:`on_train_end`),
+        which learns the step of the first refusal from ``first_refusal``.
+        """
+        skipped, over = result.skipped, result.over_skip
+        assert isinstance(skipped, Tensor) and isinstance(over, Tensor)  # the mode decided on the device
+        skip_on_device(optimizer, skipped)
+        refused = over & ~skipped
+        state.skipped_steps = state.skipped_steps + skipped.to(torch.int64)
+        state.skips_refused = state.skips_refused + refused.to(torch.int64)
+        streak = step.over_streak
+        state.over_streak = torch.where(over, streak + 1, torch.where(step.finite, 0, streak))
+        if not self._warned_refusal:
+            first = torch.as_tensor(state.first_refusal, device=refused.device)
+            state.first_refusal = torch.where(refused & (first < 0), trainer.global_step, first)
+
+    def _warn_refusal(self, trainer: pl.Trainer, idx: int, since: int) -> None:
+        """Say once that skipping stopped: ``skip_limit`` outliers in a row are a new regime, not a spike.
+
+        ``since`` is the global step of the first refusal (known late where the skip is
+        decided on the device).
+        """
         if self._warned_refusal:
             return
         self._warned_refusal = True
         opt = f" of optimizer {idx}" if len(trainer.optimizers) > 1 else ""
         rank_zero_warn(
-            f"[gradguard] AdaptiveClipper: {state.over_streak} steps{opt} in a row had a gradient norm above "
+            f"[gradguard] AdaptiveClipper: {self.skip_limit} steps{opt} in a row had a gradient norm above "
             f"skip_factor={self.skip_factor!r} times the run's usual bound and were skipped; from global step "
-            f"{trainer.global_step} such steps are clipped instead of skipped (skip_limit={self.skip_limit!r}) until "
+            f"{since} such steps are clipped instead of skipped (skip_limit={self.skip_limit!r}) until "
             "one is back below the bound, so that a lasting change of scale cannot stop training. The count is "
             "logged as `clip/skips_refused`. This note is shown once."
         )
@@ -382,7 +440,7 @@ class AdaptiveClipper(GradGuardCallback):
         if result.post is not None and result.coef is not None:
             state.last["post_norm"] = result.post
             state.last["coef"] = result.coef
-        state.last["skipped"] = float(result.skipped)
+        state.last["skipped"] = result.skipped if isinstance(result.skipped, Tensor) else float(result.skipped)
 
     def _log(self, trainer: pl.Trainer, idx: int, state: _OptState, extra: dict[str, Tensor]) -> None:
         seg = f"opt{idx}/" if len(trainer.optimizers) > 1 else ""
@@ -390,16 +448,20 @@ class AdaptiveClipper(GradGuardCallback):
         values = [state.last[n] for n in names] + list(extra.values())
         names += list(extra)
         hints = self._mode.host_hints(idx)
-        host = _to_host([*values, *hints, state.interval_clipped], state.last["pre_norm"].device)
-        self._mode.take_hints(idx, host[len(values) : -1])
+        counters = [state.interval_clipped, *_skip_counters(state)]  # device tensors where skipped on the device
+        host = _to_host([*values, *hints, *counters], state.last["pre_norm"].device)
+        self._mode.take_hints(idx, host[len(values) : len(values) + len(hints)])
+        clipped, skipped, refused, first_refusal = host[-len(counters) :]
+        if refused and first_refusal >= 0:
+            self._warn_refusal(trainer, idx, int(first_refusal))
         metrics = {f"clip/{seg}{n}": v for n, v in zip(names, host)}
         if not math.isfinite(metrics.get(f"clip/{seg}threshold", 0.0)):
             del metrics[f"clip/{seg}threshold"]  # unbounded: TensorBoard cannot draw inf
-        metrics[f"clip/{seg}clipped_fraction"] = host[-1] / max(state.interval_steps, 1)
+        metrics[f"clip/{seg}clipped_fraction"] = clipped / max(state.interval_steps, 1)
         if self._mode.accepts("skip_factor"):
-            metrics[f"clip/{seg}skipped_steps"] = float(state.skipped_steps)
+            metrics[f"clip/{seg}skipped_steps"] = skipped
             if self.skip_factor is not None:
-                metrics[f"clip/{seg}skips_refused"] = float(state.skips_refused)
+                metrics[f"clip/{seg}skips_refused"] = refused
         state.interval_steps = 0
         state.interval_clipped = 0
         _session.log_metrics(trainer, metrics, trainer.global_step)
@@ -432,13 +494,13 @@ class AdaptiveClipper(GradGuardCallback):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped by ``skip_factor`` so far, over all optimizers."""
-        return sum(s.skipped_steps for s in self._opt.values())
+        """Steps skipped by ``skip_factor`` so far, over all optimizers (a sync where counted on the device)."""
+        return sum(int(s.skipped_steps) for s in self._opt.values())
 
     @property
     def skips_refused(self) -> int:
-        """Steps above ``skip_factor`` that were clipped instead, ``skip_limit`` having been reached."""
-        return sum(s.skips_refused for s in self._opt.values())
+        """Steps above ``skip_factor`` that were clipped instead, ``skip_limit`` having been reached (may sync)."""
+        return sum(int(s.skips_refused) for s in self._opt.values())
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -457,6 +519,24 @@ class AdaptiveClipper(GradGuardCallback):
             int(i): _OptState(**{k: s.get(k, 0) for k in _COUNTERS})
             for i, s in state_dict.get("optimizers", {}).items()
         }
+
+
+def _any_rank(flag: Tensor) -> Tensor:
+    """``flag`` (0-dim bool) OR-ed over every process, on the device: an all-reduce, no host read.
+
+    What ``trainer.strategy.reduce_boolean_decision(all=False)`` gives, without its
+    ``bool()``. Outside ``torch.distributed`` the flag is this process's alone.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    votes = flag.to(torch.int32)  # backends reduce integers, not bools
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return votes > 0
+
+
+def _skip_counters(state: _OptState) -> list[Tensor | int]:
+    """``skipped_steps``, ``skips_refused`` and ``first_refusal``, in that order, for one host copy."""
+    return [state.skipped_steps, state.skips_refused, state.first_refusal]
 
 
 def _to_host(values: list[Tensor | float | int], device: torch.device) -> list[float]:

@@ -150,8 +150,13 @@ class Step:
         measure: whether the norm after clipping is wanted (a logging step), where it
             costs a second pass.
         agree: turns this rank's decision to skip into the decision of every rank.
+        agree_on_device: the same for a 0-dim bool device tensor, without a host read. When
+            given, a mode decides to skip on the device (:class:`ClipResult` then holds
+            tensors) and the caller skips the step from that flag; ``None``: decide on the
+            host, with ``agree``.
         over_streak: how many steps in a row, just before this one, were above
-            ``skip_factor`` times the bound (skipped, or clipped once ``skip_limit`` was reached).
+            ``skip_factor`` times the bound (skipped, or clipped once ``skip_limit`` was
+            reached); a 0-dim int64 device tensor with ``agree_on_device``.
     """
 
     snap: GradSnapshot
@@ -161,7 +166,8 @@ class Step:
     count: int = 1
     measure: bool = True
     agree: Callable[[bool], bool] = bool
-    over_streak: int = 0
+    agree_on_device: Callable[[Tensor], Tensor] | None = None
+    over_streak: int | Tensor = 0
 
     @classmethod
     def of(cls, snap: GradSnapshot, **kwargs: Any) -> Step:
@@ -186,10 +192,13 @@ class ClipResult:
         clipped: 0-dim bool, whether the gradients were scaled down.
         coef: post-clip norm / pre-clip norm (0 on a skipped step), or ``None`` when unknown.
         post: the total norm after clipping, or ``None`` when not measured.
-        skipped: the step is to be skipped (its gradients dropped by the caller).
+        skipped: the step is to be skipped (its gradients dropped by the caller, or, when
+            decided on the device, a 0-dim bool tensor the caller skips the step from).
         over_skip: the step was above ``skip_factor`` times the bound (skipped, or clipped
             because ``skip_limit`` steps in a row were skipped already); ``None`` for a
-            non-finite step, which says nothing about a streak of outliers.
+            non-finite step, which says nothing about a streak of outliers. Decided on the
+            device: a 0-dim bool tensor, false on a non-finite step (whose finiteness the
+            caller has in :attr:`Step.finite`).
         extra: more metrics to log, by name (``clipped_units``).
         warnings: messages for the user (once each).
     """
@@ -198,8 +207,8 @@ class ClipResult:
     clipped: Tensor
     coef: Tensor | None = None
     post: Tensor | None = None
-    skipped: bool = False
-    over_skip: bool | None = False
+    skipped: bool | Tensor = False
+    over_skip: bool | Tensor | None = False
     extra: dict[str, Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -377,7 +386,8 @@ class _LearnedMode(ClipMode):
         (the run's own scale, without ``max_norm``), so that a ceiling below the run's
         ordinary norms does not turn every step into a skip. Past ``skip_limit`` outliers
         in a row the regime has changed rather than spiked: the steps are clipped (and
-        learned from) until one is back below the bound.
+        learned from) until one is back below the bound. With ``step.agree_on_device`` the
+        same decision is taken on the device (:meth:`_skip_on_device`).
         """
         rule = self.rule(step.index, step.pre.device)
         bound = rule.bound()
@@ -385,9 +395,13 @@ class _LearnedMode(ClipMode):
         coef = clip_coefficient(step.pre, threshold)
         s = self.settings
         over: bool | None = False
-        if s["skip_factor"] is not None:  # one host copy: the step's finiteness and its verdict
-            finite, above = torch.stack([step.finite, step.finite & (step.pre > s["skip_factor"] * bound)]).tolist()
-            verdict = step.agree(bool(above))  # a collective: every rank calls it, whatever its step
+        if s["skip_factor"] is not None:
+            above = step.finite & (step.pre > s["skip_factor"] * bound)
+            if step.agree_on_device is not None:  # an outlier where every rank says so and its own norm is finite
+                return self._skip_on_device(step, rule, threshold, coef, step.agree_on_device(above) & step.finite)
+            # one host copy: the step's finiteness and its verdict
+            finite, above_here = torch.stack([step.finite, above]).tolist()
+            verdict = step.agree(bool(above_here))  # a collective: every rank calls it, whatever its step
             # a non-finite step is no evidence either way: it neither extends nor ends a streak
             over = verdict if finite else None
         if over and step.over_streak < s["skip_limit"]:
@@ -397,6 +411,22 @@ class _LearnedMode(ClipMode):
         scale_(step.grads, coef)
         rule.observe(step.pre, step.finite)
         return ClipResult.of(step, threshold, coef < 1, coef=coef, over_skip=over)
+
+    def _skip_on_device(
+        self, step: Step, rule: LearnedThreshold, threshold: Tensor, coef: Tensor, over: Tensor
+    ) -> ClipResult:
+        """:meth:`apply`'s skip decision as 0-dim device tensors: no host read at all.
+
+        The host path's rule, written with ``torch.where`` instead of ``if``: an outlier
+        (``over``) is skipped while ``over_streak < skip_limit``. A skipped step's gradients
+        are scaled by 0 (its reported ``coef``) and it is observed with a false flag, so the
+        statistics learn from exactly the steps the host path lets in.
+        """
+        skip = over & (torch.as_tensor(step.over_streak, device=over.device) < self.settings["skip_limit"])
+        coef = torch.where(skip, 0.0, coef)
+        scale_(step.grads, coef)
+        rule.observe(step.pre, step.finite & ~skip)
+        return ClipResult.of(step, threshold, ~skip & (coef < 1), coef=coef, skipped=skip, over_skip=over)
 
     def threshold_rule(self, index: int) -> LearnedThreshold | None:
         return self._rules.get(index)
