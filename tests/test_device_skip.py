@@ -8,7 +8,9 @@ the host path (the same model with a plain optimizer) and count the host reads.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -312,3 +314,74 @@ def test_any_rank_ors_the_flags_of_every_process(tmp_path):
             proc.join(timeout=120)
         assert [proc.exitcode for proc in procs] == [0, 0]
         assert dict(out) == {0: [True, True, False], 1: [True, True, False]}
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper
+
+SPIKE_STEP = 8
+
+class Model(pl.LightningModule):
+    def __init__(self, clipper):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.clipper = clipper
+        self.decisions = {}
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        if self.trainer.global_step == SPIKE_STEP and self.global_rank == 1:
+            loss = loss * 1000.0  # only rank 1's batch: DDP's all-reduce carries it to rank 0
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.decisions[self.trainer.global_step] = self.clipper.last_decision(0)["skipped"]
+
+    def on_fit_end(self):
+        record = {
+            "world_size": self.trainer.world_size,
+            "skipped": [s for s, skipped in sorted(self.decisions.items()) if skipped],
+            "count": self.clipper.skipped_steps,
+            "on_device": isinstance(self.clipper._opt[0].skipped_steps, torch.Tensor),
+            "weights": torch.cat([p.detach().flatten() for p in self.parameters()]).tolist(),
+        }
+        with open(os.path.join(sys.argv[1], f"rank{self.global_rank}.json"), "w") as fh:
+            json.dump(record, fh)
+
+pl.seed_everything(0, verbose=False)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(256, 8, generator=g)
+data = TensorDataset(x, x.sum(1, keepdim=True))
+clipper = AdaptiveClipper(warmup_steps=4, skip_factor=5.0)
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_steps=12, logger=False, callbacks=[clipper],
+    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+)
+trainer.fit(Model(clipper), DataLoader(data, batch_size=8, shuffle=False))
+sys.stdout.flush()
+os._exit(0)  # see tests/scripts/ddp_clipper.py: a gloo thread can abort the interpreter's teardown
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_skip_the_same_step_on_the_device(tmp_path):
+    from test_adaptive_clipper import _env, _free_port, _run, _wait_for
+
+    script = tmp_path / "ddp_fused.py"
+    script.write_text(DDP_SCRIPT)
+    _run([([sys.executable, str(script), str(tmp_path)], _env(_free_port()))], tmp_path)
+    _wait_for([tmp_path / f"rank{r}.json" for r in range(2)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert all(r["on_device"] for r in ranks), "a fused AdamW without a scaler takes the device path"
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == [8]
+    assert ranks[0]["count"] == ranks[1]["count"] == 1
+    assert ranks[0]["weights"] == ranks[1]["weights"], "the weights diverged across ranks"
