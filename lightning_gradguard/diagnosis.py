@@ -456,7 +456,7 @@ class HealthDetector:
         self.config = config if config is not None else DetectorConfig(**settings)
         self._state: DetectorState | None = None
         self._restored: dict[str, Tensor] = {}  # a checkpoint's tensors, taken over at the next update
-        self._present_cache: dict[tuple[tuple[bool, ...], torch.device], Tensor] = {}
+        self._present_cache: dict[Any, Any] = {}
         self._names: tuple[str, ...] | None = None  # the layers the per-layer state refers to
 
     # -------------------------------------------------------------- state
@@ -669,32 +669,34 @@ class HealthDetector:
     def _dead_units(self, st: DetectorState, stats: GroupedStats, units: UnitStats | None, finite: Tensor) -> Tensor:
         """Whether some layer has ``dead_unit_share`` of its units zero for ``dead_patience`` finite steps in a row.
 
-        A unit's run grows on a step where its row is zero while its weight's gradient is
-        not, resets when its row is non-zero, and holds on steps that tell nothing (no
-        gradient, a whole-zero weight gradient, a non-finite step). Models with more than
-        :data:`~lightning_gradguard.stats.UNIT_WEIGHTS_PER_STEP` watched weights are looked at
-        in turns, every ``k`` steps: a zero row then counts ``k`` steps, and a unit needs two
-        zero looks in a row at least.
+        A unit's run grows on a step where its gradient is zero while its layer's is not,
+        resets when it is non-zero, and holds on steps that tell nothing (no gradient, a
+        whole-zero layer gradient, a non-finite step). Units of layers without a bias,
+        beyond :data:`~lightning_gradguard.stats.UNIT_WEIGHTS_PER_STEP` such weights, are
+        looked at in turns, every ``k`` steps: a zero look then counts ``k`` steps, and such a
+        unit needs two zero looks in a row at least.
         """
         self._unit_shares = None
         share = self.config.dead_unit_share
         if units is None or share is None or not units.num_units:
             return torch.zeros_like(finite)
         device = finite.device
-        seg = st.unit_run[units.rows]
-        # a unit looked at every k steps counts k steps per zero look (see stats.UNIT_WEIGHTS_PER_STEP)
+        seg = st.unit_run.index_select(0, units.looked)
         new = torch.where(units.zero, seg + units.every, torch.where(units.nonzero, 0.0, seg))
         new = torch.where(finite, new, seg)
-        st.unit_run = torch.cat([st.unit_run[: units.rows.start], new, st.unit_run[units.rows.stop :]])
-        # two looks at least: a unit looked at every k steps is not called dead on a single zero row
-        need = self.config.dead_patience if units.every == 1 else max(self.config.dead_patience, 2 * units.every)
+        st.unit_run = st.unit_run.index_copy(0, units.looked, new)
+        # two looks at least: a unit looked at every k steps is not called dead on a single zero look
+        cached = self._present_cache.get(("need", id(units.every_all)))
+        if cached is None or cached[0] is not units.every_all:
+            patience = float(self.config.dead_patience)
+            need = torch.where(units.every_all > 1, (2 * units.every_all).clamp_min(patience), patience)
+            cached = self._present_cache[("need", id(units.every_all))] = (units.every_all, need)
+        need = cached[1]
         dead = (st.unit_run >= need).float()
         key = ("per_group", units.per_group, device)
-        per_group = self._present_cache.get(key)  # type: ignore[call-overload]
+        per_group = self._present_cache.get(key)
         if per_group is None:
-            per_group = self._present_cache[key] = torch.tensor(  # type: ignore[index]
-                units.per_group, dtype=torch.float32, device=device
-            )
+            per_group = self._present_cache[key] = torch.tensor(units.per_group, dtype=torch.float32, device=device)
         counts = torch.zeros(len(units.per_group), dtype=torch.float32, device=device).index_add_(0, units.group, dead)
         self._unit_shares = counts / per_group.clamp_min(1)
         return (self._unit_shares >= share).any() & (per_group > 0).any()

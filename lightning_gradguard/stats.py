@@ -622,7 +622,8 @@ def _narrow(values: Tensor) -> Tensor:
 #: CPU buckets whose tensors all hold at most this many elements take their norms in one
 #: float64-accumulated pass. There the time goes to per-tensor overhead, which one pass halves;
 #: for larger tensors CPU float64 accumulation costs 4-16x a float32 norm (measured here:
-#: 2 x 4096x4096 fp32, 100 ms against 6 ms), so they keep a float32 norm and a max pass.
+#: 2 x 4096x4096 fp32, 100 ms against 6 ms), so they keep a float32 norm (and a max pass
+#: only for the tensors whose float32 norm left the range, see :func:`_cpu_norms`).
 CPU_WIDE_MAX_NUMEL = 2048
 
 
@@ -637,10 +638,12 @@ def _bucket_norms(
     float32 squared times 2**63 elements is 1e96), so the norm is exact with no second
     pass, and a NaN or Inf element shows in it; max |x| is not taken (``None``).
 
-    Otherwise the norm in the tensors' precision (float32 at least) and a max |x| pass;
-    norms that under- or overflowed are replaced by bounds from it (:func:`_repair_range`),
-    and a finite tensor whose norm is beyond float32's range saturates rather than reading
-    Inf, so that Inf means a non-finite element in both cases.
+    Otherwise the norm in the tensors' precision (float32 at least); norms that under- or
+    overflowed are replaced by bounds from a max |x| pass (:func:`_repair_range`), and a
+    finite tensor whose norm is beyond float32's range saturates rather than reading Inf,
+    so that Inf means a non-finite element in both cases. On the CPU that pass reads only
+    the tensors that need it (:func:`_cpu_norms`, max |x| not returned); elsewhere it
+    reads every tensor up front (no host read to decide), and max |x| comes back.
 
     ``inv_scale`` (a pending loss scale's reciprocal) is applied to both.
     """
@@ -649,6 +652,8 @@ def _bucket_norms(
     maxes: Tensor | None = None
     if wide and dtype not in _WIDE and _has_float64(device):
         norms = torch.stack(_lightning.foreach_norm(tensors, 2.0, dtype=_wide_dtype(dtype)))
+    elif device.type == "cpu":
+        norms = _cpu_norms(tensors, numel)
     else:
         norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
         maxes = torch.stack(_lightning.foreach_max_abs(tensors))
@@ -660,6 +665,28 @@ def _bucket_norms(
         maxes = maxes * inv_scale.to(device=maxes.device, dtype=maxes.dtype) if maxes is not None else None
     narrow = lambda t: _narrow(t) if t.dtype == torch.float64 else t.to(torch.float32)  # noqa: E731
     return narrow(norms), (narrow(maxes) if maxes is not None else None)
+
+
+def _cpu_norms(tensors: list[Tensor], numel: Tensor) -> Tensor:
+    """Norms of large CPU tensors in their own precision, range-repaired where needed: one read as a rule.
+
+    On the CPU, reading a value costs no device synchronisation, so the max |x| pass that
+    the repair needs (:func:`_repair_range`) is taken only for the tensors whose norm came
+    out 0 or Inf, and only when there are any: a step whose gradients are all in range
+    reads them once. An all-zero tensor, a vanishing one, an overflowing one or one with an
+    Inf element gets the same result as with an up-front max pass.
+    """
+    dtype = tensors[0].dtype
+    norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
+    suspect = (norms == 0) | torch.isinf(norms)
+    if not bool(suspect.any()):
+        return norms
+    picked = suspect.nonzero().flatten()
+    maxes = torch.stack(_lightning.foreach_max_abs([tensors[i] for i in picked.tolist()]))
+    maxes = maxes if maxes.dtype == norms.dtype else maxes.to(norms.dtype)
+    repaired = _repair_range(norms[picked], maxes, numel[picked].to(norms.dtype))
+    repaired = torch.where(torch.isfinite(maxes) & torch.isinf(repaired), torch.full_like(repaired, _F32_MAX), repaired)
+    return norms.index_copy(0, picked, repaired)
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1402,13 +1429,25 @@ class UnitLayout:
     and RNN weights do not, nor do weights pruned with ``torch.nn.utils.prune`` (their
     parameter is ``weight_orig``, the mask a buffer), nor sharded DTensor weights.
 
+    A unit's activity is read from its bias gradient where the layer has a bias in the
+    set: ``bias.grad[i] = sum over the batch (and positions) of unit i's output gradient``,
+    and so is ``weight.grad[i]`` times the inputs. When the output gradient is zero on every
+    sample (a dead ReLU) both are exactly zero; an exactly-zero sum of non-zero terms
+    almost never happens, and never ``dead_patience`` steps in a row. The bias holds one
+    number per unit where the weight row holds ``fan_in`` (0.9% of the reference
+    transformer's watched elements), so every such unit is looked at every step in one
+    small read. Layers without a bias read their weight rows (``count_nonzero``), in turns
+    (:data:`UNIT_WEIGHTS_PER_STEP`). The weights with a bias come first.
+
     Attributes:
-        positions: the watched parameters' positions in the :class:`ParamSet`.
+        positions: the watched weights' positions in the :class:`ParamSet`.
         rows: the number of units of each.
+        biases: the position of each one's bias in the set, ``None`` for the weights read by rows.
     """
 
     positions: tuple[int, ...]
     rows: tuple[int, ...]
+    biases: tuple[int | None, ...] = ()
     _device_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -1418,10 +1457,10 @@ class UnitLayout:
         cached = params.cache.get(key)
         if cached is not None:
             return cached
-        positions: list[int] = []
-        rows: list[int] = []
+        found: list[tuple[int, int, int | None]] = []
         if module is not None:
             kinds = {name: m for name, m in module.named_modules() if isinstance(m, _UNIT_MODULES)}
+            where = {name: i for i, name in enumerate(params.names)}
             for i, (name, p) in enumerate(zip(params.names, params.params)):
                 owner, _, leaf = name.rpartition(".")
                 m = kinds.get(owner)
@@ -1434,13 +1473,27 @@ class UnitLayout:
                     and not params.reduce_keys[i]
                     and type(p) in (Tensor, nn.Parameter)
                 ):
-                    positions.append(i)
-                    rows.append(int(p.shape[0]))
-        layout = params.cache[key] = cls(tuple(positions), tuple(rows))
+                    b = where.get(f"{owner}.bias" if owner else "bias")
+                    if b is not None:
+                        bias = params.params[b]
+                        if params.reduce_keys[b] or type(bias) not in (Tensor, nn.Parameter):
+                            b = None
+                        elif bias.shape != (p.shape[0],):
+                            b = None
+                    found.append((i, int(p.shape[0]), b))
+        found.sort(key=lambda f: f[2] is None)  # stable: the weights with a bias first
+        layout = params.cache[key] = cls(
+            tuple(f[0] for f in found), tuple(f[1] for f in found), tuple(f[2] for f in found)
+        )
         return layout
 
     def __len__(self) -> int:
         return sum(self.rows)
+
+    @property
+    def num_biased(self) -> int:
+        """How many watched weights (the first ones) are read from their bias."""
+        return sum(b is not None for b in self.biases)
 
     def row_groups(self, grouping: Grouping, device: torch.device) -> Tensor:
         """Per unit, the position of its layer in ``grouping`` (long, built once per grouping and device)."""
@@ -1462,26 +1515,48 @@ class UnitLayout:
             cached = self._device_cache[key] = (grouping, tuple(counts))
         return cached[1]
 
-    def row_weights(self, device: torch.device, weights: range | None = None) -> Tensor:
-        """Per unit of ``weights`` (default: all), the position of its weight among them (long, built once)."""
-        weights = range(len(self.rows)) if weights is None else weights
-        key = ("weights", device, weights.start, weights.stop)
+    def row_weights(self, device: torch.device, weights: Sequence[int]) -> Tensor:
+        """Per unit of ``weights`` (layout positions), the position of its weight among them (long, built once)."""
+        weights = tuple(weights)
+        key = ("weights", device, weights)
         t = self._device_cache.get(key)
         if t is None:
             index = [k for k, w in enumerate(weights) for _ in range(self.rows[w])]
             t = self._device_cache[key] = torch.tensor(index, dtype=torch.long, device=device)
         return t
 
+    def units_of(self, device: torch.device, weights: Sequence[int]) -> Tensor:
+        """The positions, among all units, of the units of ``weights`` (long, built once)."""
+        weights = tuple(weights)
+        key = ("units", device, weights)
+        t = self._device_cache.get(key)
+        if t is None:
+            starts = [0]
+            for r in self.rows:
+                starts.append(starts[-1] + r)
+            index = [u for w in weights for u in range(starts[w], starts[w + 1])]
+            t = self._device_cache[key] = torch.tensor(index, dtype=torch.long, device=device)
+        return t
+
+
+def _row_activity(grad: Tensor | None, rows: int, device: torch.device) -> Tensor:
+    """Per row of a weight gradient, whether it holds a non-zero element (all ``False`` without a gradient)."""
+    if grad is None or grad.layout is not torch.strided:
+        return torch.zeros(rows, dtype=torch.bool, device=device)
+    return torch.count_nonzero(grad.reshape(rows, -1), dim=1).to(device) > 0
+
 
 def unit_activity(
-    params: ParamSet, layout: UnitLayout, device: torch.device, weights: range | None = None
+    params: ParamSet, layout: UnitLayout, device: torch.device, weights: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Per unit, whether its gradient row is exactly zero, and whether it is non-zero, on the device.
+    """Per unit, whether its gradient is exactly zero, and whether it is non-zero, on the device.
 
-    A row counts as zero only while its weight's gradient is non-zero elsewhere: a weight
-    without a gradient (frozen, unused this step) or whose whole gradient is zero (an
-    unused head) tells nothing about its units, and both flags are ``False`` for its rows.
-    One ``count_nonzero`` per watched weight; no host sync.
+    A unit's gradient is its bias entry where :class:`UnitLayout` found a bias (one read of
+    all of them when each has a gradient), else its weight row (one ``count_nonzero`` per
+    weight). A unit counts as zero only while its layer's gradient is non-zero elsewhere:
+    a layer without a gradient (frozen, unused this step) or whose whole gradient is zero
+    (an unused head) tells nothing about its units, and both flags are ``False`` for them.
+    No host sync.
 
     Args:
         params: the parameter set.
@@ -1490,52 +1565,58 @@ def unit_activity(
         weights: which of the watched weights to look at (positions in ``layout``); all by default.
 
     Returns:
-        ``(zero, nonzero)``: two bool vectors, one entry per row of the weights looked at.
+        ``(zero, nonzero)``: two bool vectors, one entry per unit of the weights looked at.
     """
-    weights = range(len(layout.rows)) if weights is None else weights
-    counts: list[Tensor] = []
-    for k in weights:
-        i, r = layout.positions[k], layout.rows[k]
-        g = params.params[i].grad
-        if g is None or g.layout is not torch.strided:
-            counts.append(torch.zeros(r, dtype=torch.long, device=device))
-        else:
-            counts.append(torch.count_nonzero(g.reshape(r, -1), dim=1).to(device))
-    if not counts:
+    weights = tuple(range(len(layout.rows)) if weights is None else weights)
+    if not weights:
         empty = torch.zeros(0, dtype=torch.bool, device=device)
         return empty, empty
-    nnz = torch.cat(counts)
-    nonzero = nnz > 0
+    grads = params.params
+    biased = [grads[layout.biases[k]].grad if layout.biases[k] is not None else None for k in weights]
+    if all(g is not None and g.layout is torch.strided and g.device == device for g in biased):
+        nonzero = torch.cat(biased).ne(0)  # type: ignore[arg-type]
+    else:
+        flags = []
+        for k, b in zip(weights, biased):
+            if b is not None and b.layout is torch.strided:
+                flags.append(b.ne(0).to(device))
+            else:  # no bias, or a bias without a gradient: the weight's rows
+                flags.append(_row_activity(grads[layout.positions[k]].grad, layout.rows[k], device))
+        nonzero = torch.cat(flags)
     which = layout.row_weights(device, weights)
     alive = torch.zeros(len(weights), dtype=torch.bool, device=device).scatter_reduce_(
         0, which, nonzero, reduce="amax", include_self=True
     )
-    return ~nonzero & alive[which], nonzero
+    # index_select, not alive[which]: advanced indexing of a few thousand elements goes parallel on CPU
+    return ~nonzero & alive.index_select(0, which), nonzero
 
 
-#: Watched weights looked at per step. Larger models are looked at in turns (weights
-#: ``[k*W, (k+1)*W)`` at step ``k`` modulo the number of turns), which keeps the per-step cost
-#: at ~16 small reductions (~0.2 ms on the reference model's CPU, where all 74 take 0.8 ms).
+#: Watched weights without a bias whose rows are read per step. Models with more of them are
+#: looked at in turns (those weights ``[k*W, (k+1)*W)`` at step ``k`` modulo the number of
+#: turns), which keeps the per-step cost at ~16 small reductions (~0.2 ms on a CPU for
+#: weights of the reference model's size). Weights with a bias are read every step.
 UNIT_WEIGHTS_PER_STEP = 16
 
 
 @dataclass(frozen=True, eq=False)
 class UnitStats:
-    """One step's unit activity (:func:`unit_activity`) for one turn of the watched weights.
+    """One step's unit activity (:func:`unit_activity`): every unit with a bias, one turn of the others.
 
     Attributes:
-        zero: per unit looked at, its gradient row is exactly zero while its weight's is not (device bool).
-        nonzero: per unit looked at, its gradient row is non-zero (device bool).
-        rows: the slice of all watched units that ``zero`` and ``nonzero`` cover.
-        every: how many steps apart each unit is looked at (the number of turns).
+        zero: per unit looked at, its gradient is exactly zero while its layer's is not (device bool).
+        nonzero: per unit looked at, its gradient is non-zero (device bool).
+        looked: the positions, among all watched units, of the units looked at (device long).
+        every: per unit looked at, how many steps apart it is looked at (1, or the number of turns).
+        every_all: the same for every watched unit (device float).
         group: per watched unit (all of them), the position of its layer in the grouping (device long).
         per_group: per layer, its number of watched units (host).
     """
 
     zero: Tensor
     nonzero: Tensor
-    rows: slice
-    every: int
+    looked: Tensor
+    every: Tensor
+    every_all: Tensor
     group: Tensor
     per_group: tuple[int, ...]
 
@@ -1549,21 +1630,31 @@ class UnitStats:
     ) -> UnitStats:
         """The units of ``params`` (named after ``module``) at ``step``, grouped as ``grouping``.
 
-        Looks at the turn ``step % every`` of the watched weights (all of them when there are
-        at most :data:`UNIT_WEIGHTS_PER_STEP`).
+        Looks at every weight with a bias and at the turn ``step % turns`` of the others
+        (all of them when there are at most :data:`UNIT_WEIGHTS_PER_STEP`).
         """
         layout = UnitLayout.of(params, module)
-        n = len(layout.rows)
-        every = max(1, math.ceil(n / UNIT_WEIGHTS_PER_STEP))
-        turn = step % every
-        weights = range(turn * UNIT_WEIGHTS_PER_STEP, min(n, (turn + 1) * UNIT_WEIGHTS_PER_STEP)) if every > 1 else None
+        n, biased = len(layout.rows), layout.num_biased
+        turns = max(1, math.ceil((n - biased) / UNIT_WEIGHTS_PER_STEP))
+        start = biased + (step % turns) * UNIT_WEIGHTS_PER_STEP
+        weights = (*range(biased), *range(start, min(n, start + UNIT_WEIGHTS_PER_STEP)))
         zero, nonzero = unit_activity(params, layout, device, weights)
-        first = sum(layout.rows[: weights.start]) if weights is not None else 0
+        key = ("every", device, weights)
+        cached = layout._device_cache.get(key)
+        if cached is None:
+            every_all = torch.tensor(
+                [1.0 if k < biased else float(turns) for k, r in enumerate(layout.rows) for _ in range(r)],
+                device=device,
+            )
+            looked = layout.units_of(device, weights)
+            cached = layout._device_cache[key] = (looked, every_all[looked], every_all)
+        looked, every, every_all = cached
         return cls(
             zero,
             nonzero,
-            slice(first, first + len(zero)),
+            looked,
             every,
+            every_all,
             layout.row_groups(grouping, device),
             layout.per_group(grouping),
         )

@@ -317,8 +317,10 @@ def test_dead_units_need_a_share_of_a_layer_for_dead_patience_steps_and_ignore_s
         net(torch.randn(16, 3)).sum().backward()
         if silent:
             net[0].weight.grad.zero_()  # a step that tells nothing about its units (unused layer)
-        else:
+            net[0].bias.grad.zero_()
+        else:  # a dead unit: no output gradient, so its weight row and bias entry are zero
             net[0].weight.grad[:dead_rows] = 0
+            net[0].bias.grad[:dead_rows] = 0
         units = UnitStats.take(params, grouping, net, torch.device("cpu"))
         assert units.per_group == (8, 2)
         return d.update(params_stats(params, grouping), units=units).to_host().dead
@@ -351,6 +353,7 @@ def test_a_dead_unit_finding_names_layer_and_share():
     d = HealthDetector(dead_patience=1, dead_unit_share=0.5)
     net(torch.randn(16, 3)).sum().backward()
     net[0].weight.grad[:3] = 0
+    net[0].bias.grad[:3] = 0
     units = UnitStats.take(params, grouping, net, torch.device("cpu"))
     stats = params_stats(params, grouping)
     reading = d.update(stats, units=units).to_host()
@@ -373,23 +376,50 @@ def test_markdown_escapes_and_lists_layers_input_side_first():
     assert "- use \\*He\\* init" in md
 
 
-def test_many_weights_are_looked_at_in_turns_and_a_unit_needs_two_zero_looks(monkeypatch):
+def test_many_weights_without_bias_are_looked_at_in_turns_and_a_unit_needs_two_zero_looks(monkeypatch):
     from lightning_gradguard import stats as stats_module
 
     monkeypatch.setattr(stats_module, "UNIT_WEIGHTS_PER_STEP", 2)
     torch.manual_seed(0)
-    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])  # 5 weights: 3 turns of at most 2
+    # 5 weights without bias: 3 turns of at most 2; one with a bias, looked at every step
+    net = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(5)], nn.Linear(4, 3))
     params = ParamSet.from_module(net)
     grouping = Grouping.build(params)
     d = HealthDetector(dead_patience=1, dead_unit_share=0.5)
-    flags, covered = [], []
+    flags, looked = [], []
     for step in range(7):
         net.zero_grad()
         net(torch.randn(8, 4)).sum().backward()
-        net[4].weight.grad[:3] = 0  # the last layer (turn 2) has 3 of 4 units dead
+        net[4].weight.grad[:3] = 0  # the last bias-free layer (turn 2) has 3 of 4 units dead
         units = UnitStats.take(params, grouping, net, torch.device("cpu"), step)
-        assert units.every == 3 and units.num_units == 20
-        covered.append((units.rows.start, units.rows.stop))
+        assert units.num_units == 23
+        looked.append(units.looked.tolist())
+        assert units.every.tolist() == [1.0] * 3 + [3.0] * (len(looked[-1]) - 3)
         flags.append(d.update(params_stats(params, grouping), units=units).to_host().dead)
-    assert covered[:3] == [(0, 8), (8, 16), (16, 20)]
+    assert looked[:3] == [[0, 1, 2, *range(3, 11)], [0, 1, 2, *range(11, 19)], [0, 1, 2, *range(19, 23)]]
     assert flags == [False, False, False, False, False, True, True]  # from the second zero look of turn 2 (step 5)
+
+
+def test_units_are_read_from_the_bias_where_there_is_one(monkeypatch):
+    from lightning_gradguard import stats as stats_module
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2, bias=False))
+    params = ParamSet.from_module(net)
+    layout = UnitLayout.of(params, net)
+    assert [params.names[i] for i in layout.positions] == ["0.weight", "2.weight"]
+    assert [params.names[b] if b is not None else None for b in layout.biases] == ["0.bias", None]
+    rows_read = []
+    original = stats_module._row_activity
+    monkeypatch.setattr(stats_module, "_row_activity", lambda g, r, d: rows_read.append(r) or original(g, r, d))
+    net(torch.randn(8, 3)).sum().backward()
+    net[0].bias.grad[:2] = 0  # units 0 and 1 of the first layer: no output gradient
+    net[0].weight.grad[:2] = 0
+    net[2].weight.grad[1] = 0
+    units = UnitStats.take(params, Grouping.build(params), net, torch.device("cpu"))
+    assert units.zero.tolist() == [True, True, False, False, False, False, False, True]
+    assert rows_read == [2]  # only the bias-free layer's rows were read
+    net[0].bias.grad = None  # a bias without a gradient (frozen alone): its weight's rows instead
+    units = UnitStats.take(params, Grouping.build(params), net, torch.device("cpu"))
+    assert units.zero.tolist()[:6] == [True, True, False, False, False, False]
+    assert rows_read == [2, 6, 2]

@@ -147,16 +147,27 @@ def test_scaled_snapshot_reads_max_abs_lazily_unscaled():
     assert snap.max_abs.item() == pytest.approx(4.0)
 
 
-def test_large_cpu_tensors_keep_a_float32_norm_and_bounds():
-    # float64 accumulation is slow on CPU for large tensors: they keep float32 norms, a max
-    # pass (so max |g| comes for free) and bounds where float32 squares leave the range.
-    tiny = torch.full((CPU_WIDE_MAX_NUMEL + 1,), 1e-25)
-    big = torch.randn(CPU_WIDE_MAX_NUMEL + 1)
-    params = _params(tiny, big)
-    snap = take_snapshot(params, max_abs=False)
-    assert snap.max_abs_known  # taken with the norms anyway
-    assert snap.norms[0].item() == pytest.approx(1e-25, rel=1e-6)  # the lower bound max |g|
-    assert snap.norms[1].item() == pytest.approx(_reference(big), rel=1e-5)
+def test_large_cpu_tensors_keep_a_float32_norm_and_read_max_only_where_out_of_range(monkeypatch):
+    # float64 accumulation is slow on CPU for large tensors: they keep float32 norms, and a
+    # max pass (for the bounds of _repair_range) only over the tensors whose norm left the range.
+    n = CPU_WIDE_MAX_NUMEL + 1
+    tiny, big, huge = torch.full((n,), 1e-25), torch.randn(n), torch.full((n,), 3e38)
+    with_inf = torch.randn(n)
+    with_inf[3] = math.inf
+    calls = _count_max_passes(monkeypatch)
+    seen = []
+    original = _lightning.foreach_max_abs
+    monkeypatch.setattr(_lightning, "foreach_max_abs", lambda ts: seen.append(len(ts)) or original(ts))
+    snap = take_snapshot(_params(big, torch.randn(n)), max_abs=False)
+    assert not snap.max_abs_known and seen == [] and calls[0] == 0  # all in range: one read
+    snap = take_snapshot(_params(tiny, big, huge, with_inf, torch.zeros(n)), max_abs=False)
+    assert seen == [4]  # tiny, huge, with_inf and the zero tensor; not big
+    norms = snap.norms.tolist()
+    assert norms[0] == pytest.approx(1e-25, rel=1e-6)  # the lower bound max |g|
+    assert norms[1] == pytest.approx(_reference(big), rel=1e-5)
+    assert norms[2] == pytest.approx(3.4028235e38, rel=1e-6)  # finite: saturates, never Inf
+    assert norms[3] == math.inf and norms[4] == 0.0
+    assert snap.max_abs[1].item() == big.abs().max().item()  # read on demand
 
 
 def test_grouping_and_copying_do_not_count_as_reading_max_abs(monkeypatch):
