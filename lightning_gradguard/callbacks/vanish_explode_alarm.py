@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -18,6 +18,7 @@ from lightning_gradguard import _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._alarm_report import AlarmRecord, MicroBatch, write_crash_dump
 from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
+from lightning_gradguard.callbacks._deferred import DeferMode, DeferredReadings
 from lightning_gradguard.diagnosis import (
     DetectorConfig,
     Evidence,
@@ -79,6 +80,8 @@ class _Step:
     scaler_active: bool
     window: list[MicroBatch]
     units: UnitStats | None = None
+    log_step: int = 0  # the x-axis step of its points (:meth:`GradGuardCallback.log_step` when it was read)
+    deferred: bool = False  # read one step late: the device skipped it already (see _deferred)
 
     @cached_property
     def evidence(self) -> Evidence:
@@ -161,7 +164,8 @@ class VanishExplodeAlarm(GradGuardCallback):
     Every optimizer step the callback checks the shared gradient snapshot on the device
     and copies one small reading to the host (the flags of the step, plus the z-score,
     the deep/shallow ratio, the total norm and the loss scale); nothing else leaves the
-    device unless a flag is up. It never computes norms of its own.
+    device unless a flag is up. It never computes norms of its own. With
+    ``defer_host_read`` that copy is read one step later, so the step need not wait for it.
 
     What it detects (details and rules in :class:`~lightning_gradguard.diagnosis.HealthDetector`):
 
@@ -244,6 +248,23 @@ class VanishExplodeAlarm(GradGuardCallback):
         log_every_n_steps: logging interval; ``None``: the Trainer's.
         crash_dump: write a crash dump on ``stop``/``raise``.
         dump_dir: where to write it; ``None``: the Trainer's ``log_dir``.
+        defer_host_read: read each step's reading on the host one optimizer step later, so
+            that ``on_before_optimizer_step`` never waits for the device (on a GPU the CPU
+            otherwise stalls every step until the step's gradients are ready). The skip is
+            still decided at the step itself, on the device, through the optimizer's
+            ``found_inf`` (a latch keeps every later step skipped once a stop/raise kind
+            fired); counters, findings, warnings, the crash dump, the stop, the raise and
+            the logged points follow one step late (at the next step's hook, at the end of
+            training, before a checkpoint), carrying the step they happened at. The
+            findings, counts and skipped steps are the same as without deferring; a step
+            with a flag up still costs one blocking read of its statistics, at the next
+            hook; with ``crash_dump`` and a stop/raise action, max |g| is computed on the
+            device every step (a dump written a step late must describe its own step).
+            Possible only with a fused optimizer (``Adam``/``AdamW``/``SGD``/``Adagrad``
+            with ``fused=True``) and no fp16 ``GradScaler``; elsewhere the read is
+            immediate. ``"auto"`` (default): defer where the gradients are on a CUDA device;
+            on the CPU deferring brings no benefit. ``True``: defer wherever possible;
+            ``False``: never.
 
     Raises:
         ValueError: if an argument is outside what is allowed; the message names it.
@@ -285,6 +306,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         log_every_n_steps: int | None = None,
         crash_dump: bool = True,
         dump_dir: str | None = None,
+        defer_host_read: DeferMode = "auto",
     ) -> None:
         self.actions = _checked_actions(halt_on_nan, nonfinite_action, explode_action, vanish_action, dead_action)
         self.nonfinite_action = self.actions["nonfinite"]
@@ -319,6 +341,9 @@ class VanishExplodeAlarm(GradGuardCallback):
         self._summary_logged_at: int | None = None
         self._restored_detectors: dict[int, dict[str, Any]] = {}
         self._unit_turns: dict[int, int] = {}  # per optimizer, its steps: which turn of its weights to look at
+        self._deferred = DeferredReadings[_Step](defer_host_read, self.actions, crash_dump=self.crash_dump)
+
+    defer_host_read = property(lambda self: self._deferred.mode, doc="``True``, ``False`` or ``'auto'``, as given.")
 
     counts = _from_record("counts", "Per kind, the optimizer steps flagged so far.")
     episodes = _from_record("episodes", "Per kind, the episodes so far (one warning each).")
@@ -336,7 +361,11 @@ class VanishExplodeAlarm(GradGuardCallback):
 
     @property
     def state_key(self) -> str:
-        """Every setting, so that two alarms that differ in anything fit in one checkpoint."""
+        """Every setting of the saved state, so that two alarms that differ in one fit in one checkpoint.
+
+        Not ``defer_host_read``: it changes when the host reads, not what is saved (the held
+        reading is acted on before ``state_dict``), so a checkpoint moves between the modes.
+        """
         return self._generate_state_key(
             actions=tuple(sorted(self.actions.items())),
             **asdict(self.config),
@@ -354,8 +383,13 @@ class VanishExplodeAlarm(GradGuardCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window.clear()
+        self._deferred.reset()
         self._summary_logged_at = None
         self.record.halted_at = None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()  # the last step's deferred reading: nothing is lost, a "raise" still raises
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -368,10 +402,15 @@ class VanishExplodeAlarm(GradGuardCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._window.clear()
+        self._deferred.reset()
         self._lifted_min = _lightning.restore_min_limits(trainer, self._lifted_min)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        try:
+            self._flush()  # training failed otherwise: still report the last deferred step (warned) ...
+        except GradientAnomalyError as err:
+            exception = err  # ... without raising over the error that ended the run
         if isinstance(exception, GradientAnomalyError):
             rank_zero_info(self.summary())
             self._log_summary(trainer)
@@ -409,19 +448,33 @@ class VanishExplodeAlarm(GradGuardCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         optimizer = _lightning.raw_optimizer(optimizer)
+        self._flush()  # the previous step's deferred reading first: it may halt
         if self.halted_at is not None:  # stopping: no further update may happen
             _session.drop_gradients(optimizer)
             return
         step = self._read(trainer, pl_module, optimizer)
+        if step is not None:
+            self._process(step)
+
+    def _process(self, step: _Step) -> None:
+        """The host's share of a checked step: count, act on its flags, log."""
         active = step.reading.active
         self.record.tick(active)
         if active:
             self._act(step, active)
-        if trainer.loggers and self.is_log_step(trainer):  # Lightning's cadence, at the step self.log uses
+        if step.trainer.loggers and self.is_log_step(step.trainer, step.log_step):  # Lightning's cadence
             self._log(step)
 
-    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> _Step:
-        """Check the step's shared snapshot on the device; one host copy of the reading."""
+    def _flush(self) -> None:
+        """Process the step whose host read was deferred, if one is held (see ``defer_host_read``)."""
+        step = self._deferred.take()
+        if step is not None:
+            self._process(step)
+
+    def _read(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> _Step | None:
+        """Check the step's shared snapshot on the device; one host copy of the reading (``None``: held back)."""
         opt_idx = _session.optimizer_index(trainer, optimizer)
         snap = self._snapshot(trainer, pl_module, _session.PHASE_STEP, optimizer)
         grouping = self._grouping(snap.params, trainer)
@@ -443,8 +496,9 @@ class VanishExplodeAlarm(GradGuardCallback):
             scaler_active=scaler is not None,
             loss_scale=scale,
             units=units,
-        ).to_host()
-        return _Step(
+        )
+        step = partial(
+            _Step,
             trainer=trainer,
             pl_module=pl_module,
             optimizer=optimizer,
@@ -452,17 +506,22 @@ class VanishExplodeAlarm(GradGuardCallback):
             step=trainer.global_step,
             stats=stats,
             detector=detector,
-            reading=reading,
             scaler_active=scaler is not None,
             window=window,
             units=units,
+            log_step=self.log_step(trainer),
         )
+        if not self._deferred.applies(trainer, optimizer, stats.norms.device):
+            return step(reading=reading.to_host())
+        self._deferred.defer(optimizer, reading, lambda host: step(reading=host, deferred=True), stats)
+        return None
 
     def _act(self, step: _Step, active: tuple[str, ...]) -> None:
         """Skip, stop or raise as the strongest action of the active kinds says; warn with the new findings."""
         strongest, findings = _decide(step, active, self.actions, self.record)
         if _STRENGTH[strongest] >= _STRENGTH["skip"]:
-            _session.drop_gradients(step.optimizer)
+            if not step.deferred:  # a deferred step was skipped on the device already
+                _session.drop_gradients(step.optimizer)
             self.record.skipped_steps += 1
         note = self._halt(step, strongest, findings) if _STRENGTH[strongest] >= _STRENGTH["stop"] else ""
         self.record.findings.extend(findings)
@@ -502,7 +561,7 @@ class VanishExplodeAlarm(GradGuardCallback):
 
     def _log(self, step: _Step) -> None:
         metrics = self.record.metrics(step.reading, self._seg(step))
-        _session.log_metrics(step.trainer, metrics, self.log_step(step.trainer), finite_only=True)
+        _session.log_metrics(step.trainer, metrics, step.log_step, finite_only=True)
 
     def _log_summary(self, trainer: pl.Trainer) -> None:
         """The health summary to the Text tab (``alarm/summary``), once per fit and at most once per step."""
@@ -528,10 +587,12 @@ class VanishExplodeAlarm(GradGuardCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._flush()  # a deferred step belongs in the saved counters and detector state
         return {"detectors": {i: d.state_dict() for i, d in self.detectors.items()}, **self.record.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._deferred.reset()
         self._restored_detectors = {int(i): s for i, s in state_dict.get("detectors", {}).items()}
         self.detectors.clear()
         self.record.load_state_dict(state_dict)
