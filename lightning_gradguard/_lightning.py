@@ -14,6 +14,7 @@ real error, never swallowed.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +38,17 @@ def foreach_ok(tensors: Sequence[Tensor]) -> bool:
     """
     if not tensors:
         return False
-    return _device_has_foreach_support(tensors[0].device) and all(
-        type(t) is Tensor and t.layout is torch.strided for t in tensors
+    # C-level maps, not a Python loop: this runs on every gradient list of every step
+    return (
+        _device_has_foreach_support(tensors[0].device)
+        and set(map(type, tensors)) == _PLAIN
+        and set(map(_LAYOUT, tensors)) == _STRIDED
     )
+
+
+_PLAIN = {Tensor}
+_STRIDED = {torch.strided}
+_LAYOUT = operator.attrgetter("layout")
 
 
 def foreach_norm(tensors: Sequence[Tensor], ord: float, dtype: torch.dtype | None = None) -> list[Tensor]:

