@@ -594,7 +594,7 @@ class HealthDetector:
         group_ring = torch.where(finite, st.group_ring.index_copy(0, slot, log_groups.view(1, -1)), st.group_ring)
         low, where = torch.where(total_ring.isnan(), math.inf, total_ring).min(0)
         growth = log_total - low
-        self._layer_growth = log_groups - group_ring[where]
+        self._layer_growth = log_groups - group_ring.index_select(0, where.view(1)).squeeze(0)  # not [where]: a read
         rising = log_total - st.prev_log >= math.log(cfg.growth_step)  # False before the first finite step (NaN)
         st.total_ring, st.group_ring = total_ring, group_ring
         st.growth_seen = st.growth_seen + finite.float()

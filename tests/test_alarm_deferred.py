@@ -244,15 +244,8 @@ def _gradguard_caller() -> str:
     return "?"
 
 
-#: Known host reads of the current step inside the detector (diagnosis.py, outside this change):
-#: ``group_ring[where]`` indexes with a 0-dim device tensor, which copies it to the host.
-#: ``group_ring.index_select(0, where.view(1))[0]`` would not. Empty this once fixed: the
-#: strict xfail test below then passes and fails as XPASS.
-KNOWN_CURRENT_READS = {"HealthDetector._growing"}
-
-
-def _current(reads, allow=KNOWN_CURRENT_READS):
-    return [(r.what, r.where) for r in reads if r.current and r.where not in allow]
+def _current(reads):
+    return [(r.what, r.where) for r in reads if r.current]
 
 
 class CurrentStepReads(TorchDispatchMode):
@@ -341,20 +334,11 @@ def test_deferred_hook_reads_only_the_previous_steps_copy(tmp_path, monkeypatch)
     assert len(calls) == 6 and alarm.steps_checked == 6
     for step, previous, reads in calls:
         assert _current(reads) == [], step
-        reads = [r for r in reads if r.where not in KNOWN_CURRENT_READS]
         if previous is None:  # nothing held yet: no host read at all
             assert step == 0 and reads == []
         else:  # exactly one host read per step: the copy the previous step left
             assert [(r.what, r.tensor is previous) for r in reads] == [("tolist", True)], step
     assert alarm.findings == []
-
-
-@pytest.mark.xfail(strict=True, reason="HealthDetector._growing indexes with a 0-dim device tensor (a host sync)")
-def test_no_read_of_the_current_step_at_all(tmp_path, monkeypatch):
-    alarm = VanishExplodeAlarm(defer_host_read=True)
-    calls = _watch_reads(alarm, monkeypatch)
-    _fit(tmp_path, _model(), loader(), [alarm], max_steps=2)
-    assert [_current(reads, allow=()) for _, _, reads in calls] == [[], []]
 
 
 def test_deferred_flagged_steps_read_only_their_own_previous_step(tmp_path, monkeypatch):
@@ -367,7 +351,7 @@ def test_deferred_flagged_steps_read_only_their_own_previous_step(tmp_path, monk
     counts = {}
     for step, _, reads in calls:
         assert _current(reads) == [], step  # never this step's values
-        counts[step] = len([r for r in reads if r.where not in KNOWN_CURRENT_READS])
+        counts[step] = len(reads)
     # step k's finding is built at step k+1 from step k's statistics: more reads there, none of step k+1
     assert counts[k + 1] > 1 and all(n == 1 for s, n in counts.items() if s not in (0, k + 1))
 
