@@ -4,15 +4,21 @@ torch's fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with ``fused=Tr
 two optional tensor attributes from ``GradScaler``: ``grad_scale`` and ``found_inf``. When
 ``found_inf`` is non-zero the fused kernel leaves the weights and every state tensor
 untouched and takes the step count back: the step is skipped exactly, decided on the
-device. Outside a ``GradScaler`` nobody sets the attribute, so a callback may set it to
-its own verdict and skip a step without copying anything to the host first.
+device.
 
-Under a ``GradScaler`` the scaler writes (and afterwards deletes) ``found_inf`` itself,
-overwriting ours, so there the callbacks keep their host read and drop the gradients
-(:func:`~lightning_gradguard.callbacks._session.drop_gradients`).
+A callback sets ``found_inf`` to its verdict from ``on_before_optimizer_step``, which
+Lightning runs inside the optimizer's closure, before the fused kernel reads the
+attribute; a step post-hook removes it again. Under an fp16 ``GradScaler`` the closure
+runs first and the scaler then sets ``found_inf`` itself, overwriting ours, just before
+it calls ``step()``: a step pre-hook ORs our verdict into a new tensor there (the
+scaler's loss-scale bookkeeping keeps its own record, so a step we skip does not back the
+scale off, and the scaler deletes the attribute afterwards). Several callbacks' verdicts
+for one step are OR-ed.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,35 +26,55 @@ from torch import Tensor
 
 from lightning_gradguard.callbacks import _session
 
-#: the attribute that marks a ``found_inf`` as ours, and the step post-hook that removes it
-_OURS = "_gradguard_found_inf"
-_HOOKED = "_gradguard_skip_hook"
+#: the verdict for the coming step, and the marker of an optimizer that has our hooks
+_PENDING = "_gradguard_skip"
+_HOOKED = "_gradguard_skip_hooks"
+
+
+def fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` reads ``found_inf`` (torch's fused optimizers)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 def accepts_device_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s next step can be skipped from a device flag (see the module docstring)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and _session.grad_scaler(trainer) is None
+    """Whether a callback may decide ``optimizer``'s next step on the device, with no host read.
+
+    A fused optimizer outside an fp16 ``GradScaler``. Under one the callbacks keep their
+    host path, which is what they are tested with there (:func:`skip_on_device` itself
+    works under a scaler: :func:`~lightning_gradguard.callbacks._session.drop_gradients`
+    uses it for fused optimizers).
+    """
+    return fused(optimizer) and _session.grad_scaler(trainer) is None
 
 
 def skip_on_device(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     """Skip the coming ``optimizer.step()`` exactly when ``flag`` (a 0-dim tensor) is true.
 
-    Several callbacks may call this before the same step: their flags are OR-ed. The
-    attribute is removed again right after the step (a step post-hook), so that it never
-    outlives the step it was set for. Only for optimizers that :func:`accepts_device_skip`.
+    Only for :func:`fused` optimizers. The verdict never outlives the step it was set for.
     """
     flag = flag.detach().reshape(()).to(torch.float32)
-    mine = optimizer.__dict__.get(_OURS)
-    if mine is not None and optimizer.__dict__.get("found_inf") is mine:
-        flag = torch.maximum(mine, flag.to(mine.device))
-    optimizer.found_inf = flag  # type: ignore[attr-defined]
-    setattr(optimizer, _OURS, flag)
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is not None:
+        flag = torch.maximum(pending, flag.to(pending.device))
+    setattr(optimizer, _PENDING, flag)
+    current = optimizer.__dict__.get("found_inf")
+    if current is None or current is pending:
+        optimizer.found_inf = flag  # type: ignore[attr-defined]
     if not optimizer.__dict__.get(_HOOKED):
+        optimizer.register_step_pre_hook(_merge)
         optimizer.register_step_post_hook(_clear)
         setattr(optimizer, _HOOKED, True)
 
 
-def _clear(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    mine = optimizer.__dict__.pop(_OURS, None)
-    if mine is not None and optimizer.__dict__.get("found_inf") is mine:
+def _merge(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """At the start of ``step()``: OR the pending verdict into a ``found_inf`` someone else set since."""
+    flag = optimizer.__dict__.get(_PENDING)
+    theirs = optimizer.__dict__.get("found_inf")
+    if flag is not None and theirs is not None and theirs is not flag:
+        optimizer.found_inf = torch.maximum(theirs, flag.to(theirs.device))  # type: ignore[attr-defined]
+
+
+def _clear(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    flag = optimizer.__dict__.pop(_PENDING, None)
+    if flag is not None and optimizer.__dict__.get("found_inf") is flag:
         del optimizer.found_inf  # type: ignore[attr-defined]

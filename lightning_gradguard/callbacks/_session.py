@@ -234,7 +234,18 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
     gradient entirely: no weight change, no weight decay, no moment or step-count update,
     so nothing of a bad gradient reaches the weights or the optimizer state. Under a
     ``GradScaler`` the scaler's own bookkeeping (``step``/``update``) goes on unchanged.
+
+    A fused optimizer is skipped through its ``found_inf`` instead
+    (:func:`~lightning_gradguard.callbacks._device_skip.skip_on_device`): without
+    gradients, ``GradScaler.step`` would record no overflow check for it and
+    ``GradScaler.update`` would raise.
     """
+    from lightning_gradguard.callbacks import _device_skip  # it imports this module
+
+    if _device_skip.fused(optimizer):
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
+        _device_skip.skip_on_device(optimizer, torch.ones((), device=device))
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
