@@ -238,6 +238,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "growth_total": st.one_of(st.none(), positive, st.sampled_from([1, 1.0, 1.0000001, 2])),
     "growth_step": st.one_of(positive, st.sampled_from([1, 1.0, 1.0000001, 0.5])),
     "dead_unit_share": st.one_of(st.none(), fraction),
+    "defer_host_read": st.sampled_from([True, False, "auto", "Auto", 1, 0, None, "yes"]),
     # AmpUnscaleCheck
     "max_skip_rate": fraction,
     "skip_rate_window": count,
