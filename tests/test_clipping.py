@@ -582,3 +582,51 @@ def test_the_per_step_math_never_reads_a_device_value():
             clip_by_value_(grads, 0.5, scale=snap.scale, finite=snap.all_finite)
             agc.clip_(snap.norms, inv_scale=snap.scale.reciprocal(), finite=snap.all_finite)
     assert counter.syncs == []
+
+
+# --------------------------------------------------------------------------------------
+# the start-up work ends when the start-up does, with or without a logger
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule_class", [ZScoreThreshold, PercentileThreshold])
+@pytest.mark.parametrize("free", [True, False], ids=["cpu-reads-free", "device-reads-sync"])
+def test_the_start_up_work_stops_once_it_is_over_without_anyone_logging(monkeypatch, rule_class, free):
+    from lightning_gradguard.clipping import thresholds
+
+    monkeypatch.setattr(thresholds, "_reads_free", lambda t: free)
+    rule = rule_class(warmup_steps=5)
+    length = rule.start_length()
+    percentiles = []
+    original = thresholds.filled_percentile
+    monkeypatch.setattr(thresholds, "filled_percentile", lambda *a: percentiles.append(1) or original(*a))
+    syncs_per_step = []
+    for step in range(40):
+        with HostSyncCounter() as counter:
+            rule.bound()
+            rule.observe(torch.tensor(1.0 + 0.01 * step), torch.tensor(True))
+        syncs_per_step.append(len(counter.syncs))
+        if step == length:  # past the start-up: no more median work
+            percentiles.clear()
+    assert rule.seen_at_least >= length
+    if rule_class is ZScoreThreshold:
+        assert percentiles == []
+    if free:
+        assert sum(syncs_per_step) == 0
+    else:  # one read where the start-up could first be over, none after it was seen to be
+        assert sum(syncs_per_step) == 1 and syncs_per_step[length - 1] == 1
+
+
+def test_reads_of_the_start_count_double_their_spacing_while_steps_are_rejected(monkeypatch):
+    from lightning_gradguard.clipping import thresholds
+
+    monkeypatch.setattr(thresholds, "_reads_free", lambda t: False)
+    rule = ZScoreThreshold(warmup_steps=4)
+    reads = []
+    for step in range(64):
+        with HostSyncCounter() as counter:
+            rule.observe(torch.tensor(1.0), torch.tensor(step >= 20))  # the first 20 norms are not accepted
+        if counter.syncs:
+            reads.append(step)
+    assert reads == [3, 7, 15, 31]  # 4, 8, 16, 32 observations; seen reaches 4 at observation 24
+    assert rule.seen_at_least >= 4

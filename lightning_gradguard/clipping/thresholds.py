@@ -151,6 +151,8 @@ class LearnedThreshold:
         self.seen = torch.zeros((), dtype=torch.int64, device=device)
         #: a lower bound of ``seen`` known on the host without a sync (see :meth:`note_seen`)
         self.seen_at_least = 0
+        self._observed = 0  # observe() calls, and when to read ``seen`` next (see _refresh_seen)
+        self._next_read = 0
 
     # ---------------------------------------------------------------- to override
 
@@ -230,6 +232,29 @@ class LearnedThreshold:
         never changes a result.
         """
         self.seen_at_least = max(self.seen_at_least, int(seen))
+
+    def start_length(self) -> int:
+        """How many norms the start-up work (warm-up, a start buffer) lasts; past it only the steady rule runs."""
+        return self.warmup_steps
+
+    def _refresh_seen(self) -> None:
+        """Keep :attr:`seen_at_least` current while the start-up may still be running (end of :meth:`observe`).
+
+        Without it a run that never logs (nothing reads :attr:`seen` for it) would do the
+        start-up's work at every step. On the CPU the count is read directly: a view of its
+        memory, no copy and no device to wait for. Elsewhere it is read (one host sync) at
+        the observation where the start-up could first be over, then at doubling
+        intervals until it is: a handful of reads per run, none once it is over.
+        """
+        length = self.start_length()
+        if self.seen_at_least >= length:
+            return
+        self._observed += 1
+        if _reads_free(self.seen):
+            self.seen_at_least = int(self.seen.numpy())
+        elif self._observed >= max(length, self._next_read):
+            self._next_read = 2 * self._observed
+            self.note_seen(int(self.seen))
 
     def in_warmup(self) -> Tensor:
         """0-dim bool device tensor: fewer than ``warmup_steps`` norms observed so far."""
@@ -320,6 +345,7 @@ class PercentileThreshold(LearnedThreshold):
         old = self.buffer.gather(0, pos)
         self.buffer.scatter_(0, pos, torch.where(ok, norm, old))
         self.seen.add_(ok.squeeze(0).to(torch.int64))
+        self._refresh_seen()
 
 
 class ZScoreThreshold(LearnedThreshold):
@@ -416,6 +442,9 @@ class ZScoreThreshold(LearnedThreshold):
             return
         super().load_state_dict(state)
 
+    def start_length(self) -> int:
+        return max(self.warmup_steps, self.start_size)
+
     def _robust(self, start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
         """Median and scaled MAD of the first ``count`` entries of ``start``."""
         center = filled_percentile(start, count, 50.0)
@@ -465,3 +494,9 @@ class ZScoreThreshold(LearnedThreshold):
         self.mean.copy_(torch.where(ok, mean, self.mean))
         self.var.copy_(torch.where(ok, var, self.var))
         self.seen.add_(ok.to(torch.int64))
+        self._refresh_seen()
+
+
+def _reads_free(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host costs no device synchronisation (a CPU tensor)."""
+    return t.device.type == "cpu"
