@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import Any, NamedTuple
@@ -358,6 +358,12 @@ class Reading:
     total_norm: float
     loss_scale: float
 
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Reading:
+        """The reading of :meth:`DeviceReading.stacked`'s values, copied to the host."""
+        flags, measures = values[: len(KINDS)], values[len(KINDS) :]
+        return cls(*(flag > 0 for flag in flags), *measures)
+
     @property
     def active(self) -> tuple[str, ...]:
         """The kinds whose flag is up, in :data:`KINDS` order."""
@@ -388,10 +394,12 @@ class DeviceReading:
 
     def to_host(self) -> Reading:
         """Copy every field to the host in one transfer."""
+        return Reading.of(self.stacked().tolist())
+
+    def stacked(self) -> Tensor:
+        """Every field in one float vector on the device, in field order (what :meth:`Reading.of` reads)."""
         tensors = [getattr(self, f.name) for f in fields(self)]
-        values = torch.stack([t.float() if t.dtype == torch.bool else t for t in tensors]).tolist()
-        flags, measures = values[: len(KINDS)], values[len(KINDS) :]
-        return Reading(*(flag > 0 for flag in flags), *measures)
+        return torch.stack([t.float() if t.dtype == torch.bool else t for t in tensors])
 
 
 # --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -148,6 +149,10 @@ class ParamSet:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def grads(self) -> list[Tensor | None]:
+        """Each parameter's ``.grad`` now, in order (a C-level map: this runs several times a step)."""
+        return list(map(_GRAD, self.params))
 
     @property
     def forward_order(self) -> ForwardOrder | None:
@@ -758,6 +763,8 @@ def bucket(
     return buckets
 
 
+_GRAD = operator.attrgetter("grad")
+_PLAIN = {Tensor}
 NoneType = type(None)
 _NONE_OR_TENSOR = {NoneType, Tensor}
 _UNSHARDED: set[tuple[Any, ...]] = {()}
@@ -1257,7 +1264,7 @@ class GradSnapshot:
         params = self.params
         params.cache[_WANT_MAX_KEY] = True
         if self._max_abs is None:
-            if self._stamp is not None and self._stamp != _stamp([p.grad for p in params.params]):
+            if self._stamp is not None and self._stamp != _stamp(params.grads()):
                 warnings.warn(
                     "max |g| of a gradient snapshot was first read after the gradients were changed in place "
                     "(clipped, unscaled) or replaced: it describes them as they are now. Later snapshots of "
@@ -1268,7 +1275,7 @@ class GradSnapshot:
                 )
             inv = None if self.scale is None else self.scale.reciprocal()
             self._max_abs = tensor_max_abs(
-                [p.grad for p in params.params],
+                params.grads(),
                 params.reduce_keys,
                 device=self.norms.device,
                 inv_scale=inv,
@@ -1400,8 +1407,8 @@ def take_snapshot(
         A :class:`GradSnapshot`; no host synchronisation happened. Norms and finiteness
         take one read of every gradient (:func:`tensor_norms`).
     """
-    grads = [p.grad for p in params.params]
-    has_grad = tuple(g is not None for g in grads)
+    grads = params.grads()
+    has_grad = tuple(map(operator.is_not, grads, itertools.repeat(None)))
     device = next((g.device for g in grads if g is not None), None)
     scale_t: Tensor | None = None
     inv: Tensor | None = None
@@ -1437,7 +1444,7 @@ def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
     host sync. Groups without any gradient read 0. Local shards only for DTensors (the
     fraction of this rank's shard).
     """
-    grads = [p.grad for p in params.params]
+    grads = params.grads()
     device = next((g.device for g in grads if g is not None), torch.device("cpu"))
     nonzero = torch.zeros(len(grads), dtype=torch.float32, device=device)
     sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
@@ -1615,17 +1622,37 @@ def unit_activity(
         empty = torch.zeros(0, dtype=torch.bool, device=device)
         return empty, empty
     grads = params.params
-    biased = [grads[layout.biases[k]].grad if layout.biases[k] is not None else None for k in weights]
-    if all(g is not None and g.layout is torch.strided and g.device == device for g in biased):
-        nonzero = torch.cat(biased).ne(0)  # type: ignore[arg-type]
-    else:
-        flags = []
-        for k, b in zip(weights, biased):
-            if b is not None and b.layout is torch.strided:
-                flags.append(b.ne(0).to(device))
-            else:  # no bias, or a bias without a gradient: the weight's rows
-                flags.append(_row_activity(grads[layout.positions[k]].grad, layout.rows[k], device))
-        nonzero = torch.cat(flags)
+    key = ("bias params", weights)
+    cached = layout._device_cache.get(key)
+    if cached is None:  # the leading weights that have a bias (UnitLayout puts them first), and their biases
+        lead = next((n for n, k in enumerate(weights) if layout.biases[k] is None), len(weights))
+        cached = layout._device_cache[key] = (lead, [grads[layout.biases[k]] for k in weights[:lead]])  # type: ignore[index]
+    lead, bias_params = cached
+    flags: list[Tensor] = []
+    if lead:
+        biased = list(map(_GRAD, bias_params))  # C-level maps: one read of all their gradients
+        if set(map(type, biased)) == _PLAIN and set(map(_LAYOUT, biased)) == _STRIDED:
+            if set(map(_DEVICE, biased)) == {device}:
+                flags.append(torch.cat(biased).ne(0))
+        if not flags:
+            flags = [_unit_activity_of(params, layout, k, device) for k in weights[:lead]]
+    flags += [_unit_activity_of(params, layout, k, device) for k in weights[lead:]]
+    return _zero_and_nonzero(layout, device, weights, torch.cat(flags))
+
+
+def _unit_activity_of(params: ParamSet, layout: UnitLayout, k: int, device: torch.device) -> Tensor:
+    """Per unit of watched weight ``k``: non-zero bias gradient, or (no bias, or none with a gradient) weight row."""
+    b = layout.biases[k]
+    bias_grad = params.params[b].grad if b is not None else None
+    if bias_grad is not None and bias_grad.layout is torch.strided:
+        return bias_grad.ne(0).to(device)
+    return _row_activity(params.params[layout.positions[k]].grad, layout.rows[k], device)
+
+
+def _zero_and_nonzero(
+    layout: UnitLayout, device: torch.device, weights: tuple[int, ...], nonzero: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`unit_activity`'s flags from the per-unit non-zero flags of ``weights``."""
     which = layout.row_weights(device, weights)
     alive = torch.zeros(len(weights), dtype=torch.bool, device=device).scatter_reduce_(
         0, which, nonzero, reduce="amax", include_self=True

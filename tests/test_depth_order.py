@@ -213,3 +213,44 @@ def test_a_parameter_the_graph_never_reaches_is_walked_for_once_only(monkeypatch
         m.stem.weight.grad = torch.ones_like(m.stem.weight)  # as a reentrant checkpoint would leave it
         record_forward_order(params, loss)
     assert len(walks) == 1
+
+
+class InlineManual(pl.LightningModule):
+    """Manual optimisation that holds no reference to its loss: ``manual_backward(self.loss(batch))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = HeadFirst(depth=3, width=8)
+        self.held_at_step: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        opt.step()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.held_at_step.append(_session.session(self.trainer)._held_loss is not None)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_loss_is_held_only_until_the_forward_order_is_known(tmp_path):
+    # Holding every loss would keep its autograd graph alive until the next backward (and
+    # free it inside a gradguard hook); it is held only while an order is still wanted, which
+    # also covers a loss that nothing else holds at the optimizer step.
+    from lightning_gradguard import GradientNormLogger
+
+    pl.seed_everything(0, verbose=False)
+    model = InlineManual()
+    logger = GradientNormLogger(log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [logger], max_steps=4)
+    trainer.fit(model, DataLoader(two_spirals(n=128), batch_size=32))
+    params = _session.param_set(trainer, model, trainer.optimizers[0])
+    assert params.forward_order is not None and params.forward_order.traced
+    assert logger._grouping(params).names == ("net.body.0", "net.body.2", "net.body.4", "net.head")
+    assert model.held_at_step == [True, False, False, False]
+    assert _session.session(trainer).last_loss is None  # nothing of ours keeps the last graph alive

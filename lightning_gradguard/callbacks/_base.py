@@ -202,6 +202,9 @@ class GradGuardCallback(Callback):
             agree = None
             if trainer.world_size > 1:
                 agree = lambda ranks: trainer.strategy.broadcast(ranks, src=0)  # noqa: E731
-            # the session keeps the last loss (see _session.note_backward); its graph's structure outlives backward()
-            record_forward_order(params, _session.session(trainer).last_loss, agree=agree)
+            # the last loss, which Lightning still holds (see _session.note_backward); its graph's structure
+            # outlives backward()
+            state = _session.session(trainer)
+            record_forward_order(params, state.last_loss, agree=agree)
+            state.want_order(params)
         return self.layers.of(params)

@@ -23,7 +23,6 @@ are the immediate mode's, one step later, and carry the step they happened at.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import fields
 from typing import Any, Generic, Literal, TypeVar
 
 import lightning.pytorch as pl
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.callbacks._device_skip import accepts_device_skip, skip_on_device
-from lightning_gradguard.diagnosis import KINDS, DeviceReading, Reading
+from lightning_gradguard.diagnosis import DeviceReading, Reading
 from lightning_gradguard.stats import GroupedStats
 
 #: ``defer_host_read``: always (where a fused optimizer can skip a step from the device), never,
@@ -135,10 +134,7 @@ class DeferredReadings(Generic[T]):
         """
         if self._pending is not None:
             raise RuntimeError("a deferred reading is still held: take() it before holding the next one")
-        # the order and the casts of DeviceReading.to_host, so that the values are the same
-        values = torch.stack(
-            [t.float() if t.dtype == torch.bool else t for t in (getattr(reading, f.name) for f in fields(reading))]
-        )
+        values = reading.stacked()  # what DeviceReading.to_host copies
         event = None
         host = values
         if values.is_cuda:
@@ -156,9 +152,7 @@ class DeferredReadings(Generic[T]):
         self._pending = None
         if event is not None:
             event.synchronize()  # the copy recorded at the held step, not the work queued since
-        values = host.tolist()
-        flags, measures = values[: len(KINDS)], values[len(KINDS) :]
-        return build(Reading(*(flag > 0 for flag in flags), *measures))
+        return build(Reading.of(host.tolist()))
 
     @property
     def pending_buffer(self) -> Tensor | None:

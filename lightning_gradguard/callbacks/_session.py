@@ -36,18 +36,36 @@ class Session:
         layout: the custom-scalars charts last written (:func:`write_layout`).
         wants_max_abs: an attached callback reads max |g| (``needs_max_abs``): snapshots
             compute it with the norms, before anything changes the gradients.
-        last_loss: the loss of the latest backward pass (its autograd graph's structure
-            gives the forward order of the layers, ``stats.ForwardOrder``).
+        last_loss: the loss of the latest backward pass while something still holds it
+            (its autograd graph's structure gives the forward order of the layers,
+            ``stats.ForwardOrder``); ``None`` once it is gone.
     """
 
     backward_count: int = 0
     attached: dict[type, list[Any]] = field(default_factory=dict)
     layout: dict[str, list[Any]] | None = None
-    last_loss: Tensor | None = None
+    _last_loss: weakref.ref[Tensor] | None = None
+    _held_loss: Tensor | None = None
+    _stepped: bool = False
+    _order_wanted: list[ParamSet] = field(default_factory=list)
     wants_max_abs: bool = False
     _param_sets: dict[Any, tuple[Any, list[Any], ParamSet]] = field(default_factory=dict)
     _snapshot_key: tuple[Any, ...] | None = None
     _snapshots: dict[tuple[Any, ...], GradSnapshot] = field(default_factory=dict)
+
+    @property
+    def last_loss(self) -> Tensor | None:
+        return self._last_loss() if self._last_loss is not None else None
+
+    def needs_loss(self) -> bool:
+        """Whether the next loss may be needed for a forward order: before the first step, or a set still waits."""
+        self._order_wanted = [ps for ps in self._order_wanted if ps.forward_order is None]
+        return not self._stepped or bool(self._order_wanted)
+
+    def want_order(self, params: ParamSet) -> None:
+        """``params`` asked for its forward order and has none yet (no loss was at hand): keep the next loss."""
+        if params.forward_order is None and all(ps is not params for ps in self._order_wanted):
+            self._order_wanted.append(params)
 
     def clear_snapshots(self) -> None:
         """Forget the snapshot of the current moment (the next request computes it again)."""
@@ -74,12 +92,18 @@ def note_backward(trainer: pl.Trainer, loss: Tensor) -> None:
     """Count one backward pass; every gradguard callback calls this in ``on_before_backward``.
 
     All callbacks of one backward receive the same ``loss`` object, so the count moves
-    once per backward whatever the number of callbacks. A strong reference to the last
-    loss is kept so that its ``id`` cannot be reused by the next one.
+    once per backward whatever the number of callbacks. A weak reference to the loss is
+    kept (a loss that is gone cannot be the one at hand, so a reused ``id`` cannot be
+    mistaken for it), and a strong one only while a parameter set still waits for its
+    forward order, which is read from the loss's graph at the optimizer step: holding
+    every loss would keep its autograd graph alive until the next backward, and free it
+    inside this hook. Lightning holds the loss through the step (the closure's result);
+    the strong reference covers a manual ``manual_backward(self.loss(batch))`` too.
     """
     state = session(trainer)
     if state.last_loss is not loss:
-        state.last_loss = loss
+        state._last_loss = weakref.ref(loss)
+        state._held_loss = loss if state.needs_loss() else None
         state.backward_count += 1
 
 
@@ -152,6 +176,7 @@ def shared_snapshot(
     if state._snapshot_key is None or state._snapshot_key[:3] != key[:3]:
         state._snapshots.clear()
     state._snapshot_key = key
+    state._stepped = state._stepped or phase == PHASE_STEP
     snap = state._snapshots.get(key)
     if snap is None:
         params = param_set(trainer, pl_module, optimizer)

@@ -175,7 +175,7 @@ class Step:
 
     @property
     def grads(self) -> list[Tensor | None]:
-        return [p.grad for p in self.snap.params.params]
+        return self.snap.params.grads()
 
     @property
     def inv_scale(self) -> Tensor | None:
