@@ -8,10 +8,12 @@ The pipeline is:
    owns, with their qualified names. Built once, reused every step.
 2. :class:`Grouping` — a partition of a ``ParamSet`` into named layers
    (by owning module, per tensor, by module depth, or by user patterns). Built once.
-3. :func:`take_snapshot` — per-tensor L2 norms of the gradients in one read, computed
-   with ``torch._foreach_norm`` per (device, dtype) bucket accumulating in float64 (exact
-   for fp32/fp16/bf16 gradients from 1e-45 to 3e38; NaN/Inf show in the norm, so
-   finiteness needs no second pass; max |g| only where asked for),
+3. :func:`take_snapshot` — per-tensor L2 norms of the gradients, computed with
+   ``torch._foreach_norm`` per (device, dtype) bucket as ``clip_grad_norm_`` does, kept
+   meaningful where float32 squares under- or overflow (on the CPU exact, from a float64
+   read of just those tensors: one read of the gradients as a rule; on other devices
+   bounds from a max |g| pass; NaN/Inf show in the norm, so finiteness needs no second
+   pass; max |g| only where asked for),
    divided by a pending loss scale when given, reduced across ranks for sharded
    (DTensor / FSDP2) gradients, and kept on the device.
    Groups are ordered as the layers run in the forward pass when that order is known
@@ -61,7 +63,6 @@ except Exception:  # pragma: no cover - exercised only on builds without distrib
 
 __all__ = [
     "AUTO_MAX_GROUPS",
-    "CPU_WIDE_MAX_NUMEL",
     "GROUP_BY_CHOICES",
     "MAX_ABS_LEARNING",
     "ForwardOrder",
@@ -607,11 +608,6 @@ _F32_SMALLEST = 2.0**-149
 _WIDE = (torch.float64, torch.complex128)
 
 
-def _has_float64(device: torch.device) -> bool:
-    """Whether ``device`` computes in float64 (Apple's MPS does not)."""
-    return device.type != "mps"
-
-
 def _narrow(values: Tensor) -> Tensor:
     """Non-negative float64 values as float32 that keep what matters: finite stays finite, non-zero stays non-zero.
 
@@ -625,40 +621,35 @@ def _narrow(values: Tensor) -> Tensor:
     return torch.where(torch.isfinite(values), clamped, values).to(torch.float32)
 
 
-#: CPU buckets whose tensors all hold at most this many elements take their norms in one
-#: float64-accumulated pass. There the time goes to per-tensor overhead, which one pass halves;
-#: for larger tensors CPU float64 accumulation costs 4-16x a float32 norm (measured here:
-#: 2 x 4096x4096 fp32, 100 ms against 6 ms), so they keep a float32 norm (and a max pass
-#: only for the tensors whose float32 norm left the range, see :func:`_cpu_norms`).
-CPU_WIDE_MAX_NUMEL = 2048
+#: Below this RMS (norm / sqrt(numel)) a float32 sum of squares may have lost precision:
+#: squares under float32's smallest normal number (1.2e-38) are subnormal. At an RMS of
+#: 1e-18 their relative error on the sum is at most 1.4e-45 / 1e-36, about 1e-9.
+_F32_SMALL_RMS = 1e-18
 
 
-def _bucket_norms(
-    tensors: list[Tensor], numel: Tensor, inv_scale: Tensor | None, wide: bool
-) -> tuple[Tensor, Tensor | None]:
+def _bucket_norms(tensors: list[Tensor], numel: Tensor, inv_scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Per-tensor L2 norms of same-device, same-dtype tensors as float32, and max |x| when it was taken.
 
-    ``wide`` (fp32/fp16/bf16/complex64 tensors, see :data:`CPU_WIDE_MAX_NUMEL`): one
-    ``torch._foreach_norm`` accumulating in float64. Squares of float32 values cannot
-    under- or overflow in float64 (the smallest subnormal squared is 2e-90, the largest
-    float32 squared times 2**63 elements is 1e96), so the norm is exact with no second
-    pass, and a NaN or Inf element shows in it; max |x| is not taken (``None``).
+    The norm in the tensors' precision (float32 at least), one ``torch._foreach_norm``
+    (what ``clip_grad_norm_`` runs). A float32 sum of squares underflows (elements below
+    ~1e-19 lose precision, below ~1e-22 read 0) or overflows (norms beyond ~1.8e19 read
+    Inf); a NaN or Inf element shows in the norm either way.
 
-    Otherwise the norm in the tensors' precision (float32 at least); norms that under- or
-    overflowed are replaced by bounds from a max |x| pass (:func:`_repair_range`), and a
-    finite tensor whose norm is beyond float32's range saturates rather than reading Inf,
-    so that Inf means a non-finite element in both cases. On the CPU that pass reads only
-    the tensors that need it (:func:`_cpu_norms`, max |x| not returned); elsewhere it
-    reads every tensor up front (no host read to decide), and max |x| comes back.
+    - On the CPU (:func:`_cpu_norms`) the tensors whose norm may have left the range are
+      found on the host at no cost (no device to wait for) and only they are read again,
+      in float64: exact norms, one read of the gradients as a rule, max |x| not taken.
+    - Elsewhere deciding that would be a host sync, so a max |x| pass reads every tensor
+      up front and norms that under- or overflowed are replaced by bounds from it
+      (:func:`_repair_range`); max |x| comes back.
 
-    ``inv_scale`` (a pending loss scale's reciprocal) is applied to both.
+    A finite tensor whose norm is beyond float32's range saturates at 3.4e38 rather than
+    reading Inf, so that Inf means a non-finite element. ``inv_scale`` (a pending loss
+    scale's reciprocal) is applied to both.
     """
     dtype = tensors[0].dtype
     device = tensors[0].device
     maxes: Tensor | None = None
-    if wide and dtype not in _WIDE and _has_float64(device):
-        norms = torch.stack(_lightning.foreach_norm(tensors, 2.0, dtype=_wide_dtype(dtype)))
-    elif device.type == "cpu":
+    if device.type == "cpu":
         norms = _cpu_norms(tensors, numel)
     else:
         norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
@@ -674,22 +665,30 @@ def _bucket_norms(
 
 
 def _cpu_norms(tensors: list[Tensor], numel: Tensor) -> Tensor:
-    """Norms of large CPU tensors in their own precision, range-repaired where needed: one read as a rule.
+    """Norms of CPU tensors, exact over their whole range, reading the gradients once as a rule.
 
-    On the CPU, reading a value costs no device synchronisation, so the max |x| pass that
-    the repair needs (:func:`_repair_range`) is taken only for the tensors whose norm came
-    out 0 or Inf, and only when there are any: a step whose gradients are all in range
-    reads them once. An all-zero tensor, a vanishing one, an overflowing one or one with an
-    Inf element gets the same result as with an up-front max pass.
+    The norms are taken in the tensors' precision; the few whose norm came out Inf, zero
+    or so small that squares went subnormal (:data:`_F32_SMALL_RMS`) are read again with
+    float64 accumulation. Squares of float32 values cannot under- or overflow in float64
+    (the smallest subnormal squared is 2e-90, the largest float32 squared times 2**63
+    elements is 1e96), so those norms are exact. Deciding which costs nothing on the CPU:
+    the flags are viewed in place, no copy, no device to wait for. float64 tensors have no
+    wider type: theirs are replaced by bounds from a max |x| pass (:func:`_repair_range`).
     """
     dtype = tensors[0].dtype
     norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
-    suspect = (norms == 0) | torch.isinf(norms)
-    if not suspect.numpy().any():  # a CPU tensor's memory, viewed: no copy, no device to wait for
+    numel = numel.to(norms.device)
+    floor = numel.sqrt() * _F32_SMALL_RMS if dtype not in _WIDE else torch.zeros_like(numel)
+    # the flags are a CPU tensor's memory, viewed through numpy: no copy, nothing to wait for
+    which = (torch.isinf(norms) | (norms <= floor)).numpy().nonzero()[0]
+    if not len(which):
         return norms
-    picked = suspect.nonzero().flatten()
-    maxes = torch.stack(_lightning.foreach_max_abs([tensors[i] for i in picked.tolist()]))
-    maxes = maxes if maxes.dtype == norms.dtype else maxes.to(norms.dtype)
+    picked = torch.from_numpy(which)
+    again = [tensors[i] for i in which]
+    if dtype not in _WIDE:
+        exact = torch.stack(_lightning.foreach_norm(again, 2.0, dtype=_wide_dtype(dtype)))
+        return norms.to(exact.dtype).index_copy(0, picked, exact)
+    maxes = torch.stack(_lightning.foreach_max_abs(again)).to(norms.dtype)
     repaired = _repair_range(norms[picked], maxes, numel[picked].to(norms.dtype))
     repaired = torch.where(torch.isfinite(maxes) & torch.isinf(repaired), torch.full_like(repaired, _F32_MAX), repaired)
     return norms.index_copy(0, picked, repaired)
@@ -819,21 +818,16 @@ def _stored_buckets(
 
 def _bucket_index(
     cache: dict[Any, Any], key: tuple[Any, ...], device: torch.device, idx: list[int], ts: list[Tensor]
-) -> tuple[Tensor, Tensor, bool]:
-    """Positions and element counts of a bucket as device tensors, and whether it is read once in float64.
+) -> tuple[Tensor, Tensor]:
+    """Positions and element counts of a bucket as device tensors, built once per layout.
 
-    Built once per layout (see :data:`CPU_WIDE_MAX_NUMEL` for the last).
-
-    Sparse buckets (``key[-1]``) are not cached: their number of stored elements varies.
+    Buckets of sparse tensors (``key[-1]`` False) are built every time: their number of
+    stored elements varies.
     """
     ckey = ("bucket", key, device, tuple(idx))
     cached = cache.get(ckey)
     if cached is None:
-        cached = (
-            torch.tensor(idx, device=device),
-            torch.tensor([float(t.numel()) for t in ts], device=device),
-            key[0].type == "cpu" and all(t.numel() <= CPU_WIDE_MAX_NUMEL for t in ts),
-        )
+        cached = (torch.tensor(idx, device=device), torch.tensor([float(t.numel()) for t in ts], device=device))
         if key[-1]:
             cache[ckey] = cached
     return cached
@@ -908,10 +902,10 @@ def _per_tensor(
     out_maxes = torch.zeros(n, dtype=torch.float32, device=device)
     all_maxes = True  # every bucket took max |x| for its norms: it comes for free
     for key, (ts, idx) in buckets.items():
-        index, sizes, wide = _bucket_index(cache, key, device, idx, ts)
+        index, sizes = _bucket_index(cache, key, device, idx, ts)
         bucket_maxes = None
         if norms:
-            bucket_norms, bucket_maxes = _bucket_norms(ts, sizes, inv_scale, wide)
+            bucket_norms, bucket_maxes = _bucket_norms(ts, sizes, inv_scale)
             out_norms.index_copy_(0, index, bucket_norms.to(device))
         all_maxes = all_maxes and bucket_maxes is not None
         if maxes or bucket_maxes is not None:
@@ -939,11 +933,11 @@ def tensor_norms(
 ) -> Tensor:
     """L2 norm of each tensor, on one device, in one read of the tensors and without a host sync.
 
-    The arguments are those of :func:`tensor_stats`. fp32/fp16/bf16 tensors take one
-    ``torch._foreach_norm`` per device/dtype bucket accumulating in float64, exact over
-    their whole range (a 1e-30-scale tensor does not read 0, a 1e20-scale one not Inf);
-    float64 tensors add a max |x| pass to repair norms that their own precision pushed out
-    of range. A NaN element makes its entry NaN; an Inf (no NaN) makes it Inf. A finite
+    The arguments are those of :func:`tensor_stats`. One ``torch._foreach_norm`` per
+    device/dtype bucket; on the CPU the fp32/fp16/bf16 norms are exact over the whole
+    range (a 1e-30-scale tensor does not read 0, a 1e20-scale one not Inf: those few are
+    read again in float64, see :func:`_bucket_norms`), elsewhere out-of-range norms become
+    bounds. A NaN element makes its entry NaN; an Inf (no NaN) makes it Inf. A finite
     tensor never reads Inf: a norm beyond float32's range saturates at 3.4e38.
 
     Example:
@@ -1449,7 +1443,7 @@ def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
     nonzero = torch.zeros(len(grads), dtype=torch.float32, device=device)
     sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
     for key, (ts, idx) in _stored_buckets(grads).items():
-        index, numel, _ = _bucket_index(params.cache, key, device, idx, ts)
+        index, numel = _bucket_index(params.cache, key, device, idx, ts)
         if not key[-1]:  # sparse: the elements not stored are zeros too
             numel = torch.tensor([float(local_tensor(grads[i]).numel()) for i in idx], device=device)
         nonzero.index_copy_(0, index, _norms(ts, 0.0).to(device))

@@ -11,7 +11,6 @@ from torch import nn
 
 from lightning_gradguard import _lightning
 from lightning_gradguard.stats import (
-    CPU_WIDE_MAX_NUMEL,
     MAX_ABS_LEARNING,
     Grouping,
     ParamSet,
@@ -48,7 +47,7 @@ def _count_max_passes(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1.0, 1e20, 1e30])
 def test_fp32_norms_equal_a_float64_norm_at_any_scale(scale):
     torch.manual_seed(0)
-    grads = [torch.randn(n) * scale for n in (1, 7, 256, CPU_WIDE_MAX_NUMEL)]
+    grads = [torch.randn(n) * scale for n in (1, 7, 256, 2048, 100_000)]
     params = _params(*grads)
     host = take_snapshot(params).grouped(Grouping.build(params, group_by="parameter")).to_host()
     for g, got in zip(grads, host.group_norms.values()):
@@ -147,27 +146,41 @@ def test_scaled_snapshot_reads_max_abs_lazily_unscaled():
     assert snap.max_abs.item() == pytest.approx(4.0)
 
 
-def test_large_cpu_tensors_keep_a_float32_norm_and_read_max_only_where_out_of_range(monkeypatch):
-    # float64 accumulation is slow on CPU for large tensors: they keep float32 norms, and a
-    # max pass (for the bounds of _repair_range) only over the tensors whose norm left the range.
-    n = CPU_WIDE_MAX_NUMEL + 1
-    tiny, big, huge = torch.full((n,), 1e-25), torch.randn(n), torch.full((n,), 3e38)
+def test_cpu_norms_read_again_in_float64_only_the_tensors_out_of_float32_range(monkeypatch):
+    # float64 accumulation costs 4-16x a float32 norm on the CPU for large tensors, and ~2x
+    # for many small ones: the norms are float32, and only the tensors whose float32 norm
+    # may have left the range are read again, in float64 (exact).
+    n = 4097
+    tiny, small, big, huge = (torch.full((n,), v) for v in (1e-25, 1e-20, 1.0, 3e38))
     with_inf = torch.randn(n)
     with_inf[3] = math.inf
+    wide_reads = []
+    original = _lightning.foreach_norm
+    monkeypatch.setattr(
+        _lightning,
+        "foreach_norm",
+        lambda ts, o, dtype=None: wide_reads.append((len(ts), dtype)) or original(ts, o, dtype),
+    )
     calls = _count_max_passes(monkeypatch)
-    seen = []
-    original = _lightning.foreach_max_abs
-    monkeypatch.setattr(_lightning, "foreach_max_abs", lambda ts: seen.append(len(ts)) or original(ts))
     snap = take_snapshot(_params(big, torch.randn(n)), max_abs=False)
-    assert not snap.max_abs_known and seen == [] and calls[0] == 0  # all in range: one read
-    snap = take_snapshot(_params(tiny, big, huge, with_inf, torch.zeros(n)), max_abs=False)
-    assert seen == [4]  # tiny, huge, with_inf and the zero tensor; not big
+    assert wide_reads == [(2, None)] and not snap.max_abs_known  # all in range: one float32 read
+    wide_reads.clear()
+    snap = take_snapshot(_params(tiny, small, big, huge, with_inf, torch.zeros(n)), max_abs=False)
+    assert wide_reads == [(6, None), (5, torch.float64)]  # all but `big` again
+    assert calls[0] == 0
     norms = snap.norms.tolist()
-    assert norms[0] == pytest.approx(1e-25, rel=1e-6)  # the lower bound max |g|
-    assert norms[1] == pytest.approx(_reference(big), rel=1e-5)
-    assert norms[2] == pytest.approx(3.4028235e38, rel=1e-6)  # finite: saturates, never Inf
-    assert norms[3] == math.inf and norms[4] == 0.0
-    assert snap.max_abs[1].item() == big.abs().max().item()  # read on demand
+    for got, g in zip(norms[:3], (tiny, small, big)):
+        assert got == pytest.approx(_reference(g), rel=1e-6)  # exact, not a bound
+    assert norms[3] == pytest.approx(3.4028235e38, rel=1e-6)  # finite beyond float32: saturates, never Inf
+    assert norms[4] == math.inf and norms[5] == 0.0
+    assert snap.max_abs[2].item() == 1.0  # read on demand
+
+
+def test_float64_cpu_tensors_out_of_their_range_get_bounds():
+    tiny, huge = torch.full((3,), 1e-200, dtype=torch.float64), torch.full((4,), 1e200, dtype=torch.float64)
+    norms = take_snapshot(_params(tiny, huge), max_abs=False).norms.tolist()
+    assert norms[0] > 0  # a lower bound, saturated at float32's smallest subnormal
+    assert norms[1] == pytest.approx(3.4028235e38, rel=1e-6)
 
 
 def test_grouping_and_copying_do_not_count_as_reading_max_abs(monkeypatch):
