@@ -30,14 +30,18 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------
 
 
-def foreach_ok(tensors: Sequence[Tensor]) -> bool:
+def foreach_ok(tensors: Sequence[Tensor], *, plain: bool = False) -> bool:
     """Whether foreach kernels take ``tensors``: one device that has them, plain strided tensors.
 
     The same test as ``torch.nn.utils.clip_grad`` (``_has_foreach_support``), plus the
-    layout: sparse tensors have no foreach kernels.
+    layout: sparse tensors have no foreach kernels. ``plain``: the caller knows that the
+    tensors are plain, strided and on one device (a dense bucket of ``stats.bucket``), so
+    only the device is checked.
     """
     if not tensors:
         return False
+    if plain:
+        return _device_has_foreach_support(tensors[0].device)
     # C-level maps, not a Python loop: this runs on every gradient list of every step
     return (
         _device_has_foreach_support(tensors[0].device)
@@ -51,9 +55,11 @@ _STRIDED = {torch.strided}
 _LAYOUT = operator.attrgetter("layout")
 
 
-def foreach_norm(tensors: Sequence[Tensor], ord: float, dtype: torch.dtype | None = None) -> list[Tensor]:
+def foreach_norm(
+    tensors: Sequence[Tensor], ord: float, dtype: torch.dtype | None = None, *, plain: bool = False
+) -> list[Tensor]:
     """Per-tensor vector norms (``torch._foreach_norm``; a ``linalg.vector_norm`` loop where unsupported)."""
-    if foreach_ok(tensors):
+    if foreach_ok(tensors, plain=plain):
         return list(torch._foreach_norm(list(tensors), ord, dtype=dtype))
     return [torch.linalg.vector_norm(t, ord, dtype=dtype) for t in tensors]
 
@@ -71,12 +77,12 @@ def foreach_max_abs(tensors: Sequence[Tensor]) -> list[Tensor]:
     return foreach_norm(tensors, float("inf"))
 
 
-def foreach_mul_(tensors: Sequence[Tensor], factors: Tensor | Sequence[Tensor]) -> None:
-    """``t *= factor`` in place for every tensor: one 0-dim factor for all, or one each."""
+def foreach_mul_(tensors: Sequence[Tensor], factors: Tensor | Sequence[Tensor], *, plain: bool = False) -> None:
+    """``t *= factor`` in place for every tensor: one 0-dim factor for all, or one each (``plain``: see foreach_ok)."""
     tensors = list(tensors)
     if not tensors:
         return
-    if foreach_ok(tensors):
+    if foreach_ok(tensors, plain=plain):
         torch._foreach_mul_(tensors, factors if isinstance(factors, Tensor) else list(factors))
         return
     each = [factors] * len(tensors) if isinstance(factors, Tensor) else factors

@@ -47,6 +47,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -150,6 +151,17 @@ class ParamSet:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    @cached_property
+    def uniform_device(self) -> torch.device | None:
+        """The one device of every parameter, when all are plain, non-empty and unsharded; else ``None``.
+
+        torch keeps a dense ``.grad`` on its parameter's device and shape, so the gradients
+        of such a set need no per-step device or emptiness check (:func:`bucket`).
+        """
+        devices = {p.device for p in self.params}
+        plain = all(type(p) in (Tensor, nn.Parameter) and p.numel() > 0 for p in self.params)
+        return devices.pop() if len(devices) == 1 and plain and not self.sharded else None
 
     def grads(self) -> list[Tensor | None]:
         """Each parameter's ``.grad`` now, in order (a C-level map: this runs several times a step)."""
@@ -587,9 +599,9 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def _norms(tensors: list[Tensor], ord: float) -> Tensor:
-    """Per-tensor norms of same-device, same-dtype tensors, as one float32 vector."""
+    """Per-tensor norms of a bucket (plain, strided, same-device, same-dtype tensors), as one float32 vector."""
     dtype = torch.float32 if tensors[0].dtype in _LOW_PRECISION else None
-    return torch.stack(_lightning.foreach_norm(tensors, ord, dtype=dtype)).to(torch.float32)
+    return torch.stack(_lightning.foreach_norm(tensors, ord, dtype=dtype, plain=True)).to(torch.float32)
 
 
 def _max_abs(tensors: list[Tensor]) -> Tensor:
@@ -627,7 +639,9 @@ def _narrow(values: Tensor) -> Tensor:
 _F32_SMALL_RMS = 1e-18
 
 
-def _bucket_norms(tensors: list[Tensor], numel: Tensor, inv_scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _bucket_norms(
+    tensors: list[Tensor], numel: Tensor, floor: Tensor, inv_scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """Per-tensor L2 norms of same-device, same-dtype tensors as float32, and max |x| when it was taken.
 
     The norm in the tensors' precision (float32 at least), one ``torch._foreach_norm``
@@ -650,7 +664,7 @@ def _bucket_norms(tensors: list[Tensor], numel: Tensor, inv_scale: Tensor | None
     device = tensors[0].device
     maxes: Tensor | None = None
     if device.type == "cpu":
-        norms = _cpu_norms(tensors, numel)
+        norms = _cpu_norms(tensors, numel, floor)
     else:
         norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
         maxes = torch.stack(_lightning.foreach_max_abs(tensors))
@@ -664,11 +678,12 @@ def _bucket_norms(tensors: list[Tensor], numel: Tensor, inv_scale: Tensor | None
     return narrow(norms), (narrow(maxes) if maxes is not None else None)
 
 
-def _cpu_norms(tensors: list[Tensor], numel: Tensor) -> Tensor:
+def _cpu_norms(tensors: list[Tensor], numel: Tensor, floor: Tensor) -> Tensor:
     """Norms of CPU tensors, exact over their whole range, reading the gradients once as a rule.
 
-    The norms are taken in the tensors' precision; the few whose norm came out Inf, zero
-    or so small that squares went subnormal (:data:`_F32_SMALL_RMS`) are read again with
+    The norms are taken in the tensors' precision; the few whose norm came out Inf, or at
+    most ``floor`` (zero, or so small that squares went subnormal: :data:`_F32_SMALL_RMS`
+    times the root of the element count; 0 for float64) are read again with
     float64 accumulation. Squares of float32 values cannot under- or overflow in float64
     (the smallest subnormal squared is 2e-90, the largest float32 squared times 2**63
     elements is 1e96), so those norms are exact. Deciding which costs nothing on the CPU:
@@ -677,8 +692,7 @@ def _cpu_norms(tensors: list[Tensor], numel: Tensor) -> Tensor:
     """
     dtype = tensors[0].dtype
     norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
-    numel = numel.to(norms.device)
-    floor = numel.sqrt() * _F32_SMALL_RMS if dtype not in _WIDE else torch.zeros_like(numel)
+    numel, floor = numel.to(norms.device), floor.to(norms.device)
     # the flags are a CPU tensor's memory, viewed through numpy: no copy, nothing to wait for
     which = (torch.isinf(norms) | (norms <= floor)).numpy().nonzero()[0]
     if not len(which):
@@ -730,7 +744,10 @@ def stored_values(t: Tensor) -> Tensor:
 
 
 def bucket(
-    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None = None
+    tensors: Sequence[Tensor | None],
+    reduce_keys: Sequence[tuple[Any, ...]] | None = None,
+    *,
+    device: torch.device | None = None,
 ) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]]:
     """Group tensors for foreach kernels: ``(device, dtype, reduce key, dense) -> (tensors, positions)``.
 
@@ -740,8 +757,12 @@ def bucket(
     ``None`` and empty tensors are left out (an FSDP2 rank whose shard of a small
     parameter is empty contributes nothing). A plain loop: it runs every step, so it does
     as little as possible per tensor.
+
+    ``device``: the caller knows that every plain tensor in ``tensors`` lies on ``device``
+    and is non-empty (the gradients of a :attr:`ParamSet.uniform_device` set), so those
+    two checks are skipped.
     """
-    uniform = _uniform_bucket(tensors, reduce_keys)
+    uniform = _uniform_bucket(tensors, reduce_keys, device)
     if uniform is not None:
         return uniform
     buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] = {}
@@ -774,7 +795,7 @@ _LAYOUT = operator.attrgetter("layout")
 
 
 def _uniform_bucket(
-    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None
+    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None, device: torch.device | None
 ) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] | None:
     """:func:`bucket`'s answer when it is one bucket, found with C-level maps; ``None`` otherwise.
 
@@ -792,22 +813,24 @@ def _uniform_bucket(
         idx, present = list(range(len(tensors))), list(tensors)  # type: ignore[arg-type]
     if not present or (reduce_keys is not None and set(reduce_keys) != _UNSHARDED):
         return None
-    devices, dtypes = set(map(_DEVICE, present)), set(map(_DTYPE, present))
-    if (
-        len(devices) != 1
-        or len(dtypes) != 1
-        or set(map(_LAYOUT, present)) != _STRIDED
-        or 0 in map(Tensor.numel, present)
-    ):
+    dtypes = set(map(_DTYPE, present))
+    if len(dtypes) != 1 or set(map(_LAYOUT, present)) != _STRIDED:
         return None
-    return {(devices.pop(), dtypes.pop(), (), True): (present, idx)}
+    if device is None:
+        devices = set(map(_DEVICE, present))
+        if len(devices) != 1 or 0 in map(Tensor.numel, present):
+            return None
+        device = devices.pop()
+    return {(device, dtypes.pop(), (), True): (present, idx)}
 
 
 def _stored_buckets(
-    tensors: Sequence[Tensor | None], reduce_keys: Sequence[tuple[Any, ...]] | None = None
+    tensors: Sequence[Tensor | None],
+    reduce_keys: Sequence[tuple[Any, ...]] | None = None,
+    device: torch.device | None = None,
 ) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]]:
     """:func:`bucket`, with sparse tensors replaced by their stored values (what norms are taken of)."""
-    out = bucket(tensors, reduce_keys)
+    out = bucket(tensors, reduce_keys, device=device)
     for key, (ts, idx) in out.items():
         if not key[-1]:
             values = [stored_values(t) for t in ts]
@@ -818,8 +841,8 @@ def _stored_buckets(
 
 def _bucket_index(
     cache: dict[Any, Any], key: tuple[Any, ...], device: torch.device, idx: list[int], ts: list[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Positions and element counts of a bucket as device tensors, built once per layout.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions, element counts and small-norm floors of a bucket as device tensors, built once per layout.
 
     Buckets of sparse tensors (``key[-1]`` False) are built every time: their number of
     stored elements varies.
@@ -827,7 +850,10 @@ def _bucket_index(
     ckey = ("bucket", key, device, tuple(idx))
     cached = cache.get(ckey)
     if cached is None:
-        cached = (torch.tensor(idx, device=device), torch.tensor([float(t.numel()) for t in ts], device=device))
+        sizes = torch.tensor([float(t.numel()) for t in ts], device=device)
+        # the norm below which float32 squares may have gone subnormal (see _cpu_norms)
+        floor = sizes.sqrt() * _F32_SMALL_RMS if key[1] not in _WIDE else torch.zeros_like(sizes)
+        cached = (torch.tensor(idx, device=device), sizes, floor)
         if key[-1]:
             cache[ckey] = cached
     return cached
@@ -886,14 +912,19 @@ def _per_tensor(
     *,
     norms: bool,
     maxes: bool | None,
+    buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The one loop behind :func:`tensor_stats`, :func:`tensor_norms` and :func:`tensor_max_abs`."""
+    """The one loop behind :func:`tensor_stats`, :func:`tensor_norms` and :func:`tensor_max_abs`.
+
+    ``buckets``: :func:`_stored_buckets` of ``tensors``, when the caller made them already.
+    """
     if cache is None:
         cache = {}
     n = len(tensors)
     if reduce_keys is None:
         reduce_keys = [() for _ in range(n)]
-    buckets = _stored_buckets(tensors, reduce_keys)
+    if buckets is None:
+        buckets = _stored_buckets(tensors, reduce_keys)
     if device is None:
         device = next(iter(buckets))[0] if buckets else torch.device("cpu")
     if maxes is None:  # sparse gradients get coalesced (replaced) by clipping: their max is taken now
@@ -902,10 +933,10 @@ def _per_tensor(
     out_maxes = torch.zeros(n, dtype=torch.float32, device=device)
     all_maxes = True  # every bucket took max |x| for its norms: it comes for free
     for key, (ts, idx) in buckets.items():
-        index, sizes = _bucket_index(cache, key, device, idx, ts)
+        index, sizes, floor = _bucket_index(cache, key, device, idx, ts)
         bucket_maxes = None
         if norms:
-            bucket_norms, bucket_maxes = _bucket_norms(ts, sizes, inv_scale)
+            bucket_norms, bucket_maxes = _bucket_norms(ts, sizes, floor, inv_scale)
             out_norms.index_copy_(0, index, bucket_norms.to(device))
         all_maxes = all_maxes and bucket_maxes is not None
         if maxes or bucket_maxes is not None:
@@ -1249,6 +1280,22 @@ class GradSnapshot:
         self._max_abs = max_abs
         self._stamp = stamp
         self._cache: dict[int, GroupedStats] = {}
+        #: the ids of the gradients it read and where each dense bucket's are (see :meth:`buckets_of`)
+        self._layout: tuple[tuple[int, ...], dict[tuple[Any, ...], list[int]]] | None = None
+
+    def buckets_of(
+        self, grads: Sequence[Tensor | None]
+    ) -> dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] | None:
+        """:func:`bucket` of ``grads`` from the snapshot's layout, if they are the very tensors it read; else ``None``.
+
+        Scaling them in place (clipping) needs no second bucketing then. ``None`` when a
+        gradient was replaced since (by another callback, or dropped) or a bucket was
+        sparse: bucket again. The snapshot keeps ids and positions, never the tensors, so
+        that it holds no gradient memory alive.
+        """
+        if self._layout is None or tuple(map(id, grads)) != self._layout[0]:
+            return None
+        return {key: ([grads[i] for i in idx], idx) for key, idx in self._layout[1].items()}  # type: ignore[misc]
 
     def _mark_wanted(self) -> None:
         self.params.cache[_WANT_MAX_KEY] = True
@@ -1333,8 +1380,15 @@ class GradSnapshot:
 
 
 def _stamp(grads: Sequence[Tensor | None]) -> tuple[Any, ...]:
-    """Which gradient tensors there are and their in-place version counters (about 0.1 us a tensor)."""
-    return tuple(map(id, grads)), tuple([-1 if g is None else g._version for g in grads])
+    """Which gradient tensors there are and their in-place version counters (C-level maps where none is missing)."""
+    ids = tuple(map(id, grads))
+    if _NONE_ID in ids:
+        return ids, tuple([-1 if g is None else g._version for g in grads])
+    return ids, tuple(map(_VERSION, grads))
+
+
+_NONE_ID = id(None)
+_VERSION = operator.attrgetter("_version")
 
 
 def _distributed(group: Any = None) -> bool:
@@ -1417,9 +1471,18 @@ def take_snapshot(
         taken < MAX_ABS_LEARNING or params.cache.get(_WANT_MAX_KEY) or params.sharded or _distributed()
     ):
         want = True
-    norms, mx = _per_tensor(grads, params.reduce_keys, device, inv, params.cache, norms=True, maxes=want)
+    buckets = _stored_buckets(grads, params.reduce_keys, params.uniform_device)
+    norms, mx = _per_tensor(
+        grads, params.reduce_keys, device, inv, params.cache, norms=True, maxes=want, buckets=buckets
+    )
     stamp = _stamp(grads) if mx is None else None
-    return GradSnapshot(params=params, norms=norms, max_abs=mx, has_grad=has_grad, scale=scale_t, stamp=stamp)  # type: ignore[arg-type]
+    snap = GradSnapshot(params=params, norms=norms, max_abs=mx, has_grad=has_grad, scale=scale_t, stamp=stamp)  # type: ignore[arg-type]
+    if all(key[-1] for key in buckets):  # the layout of dense buckets, for a clipper (no tensor kept)
+        snap._layout = (
+            stamp[0] if stamp is not None else tuple(map(id, grads)),
+            {k: i for k, (_, i) in buckets.items()},
+        )
+    return snap
 
 
 def iter_group_tensors(params: ParamSet, grouping: Grouping, tensors: Iterable[Tensor | None]) -> list[list[Tensor]]:
@@ -1443,7 +1506,7 @@ def zero_fractions(params: ParamSet, grouping: Grouping) -> Tensor:
     nonzero = torch.zeros(len(grads), dtype=torch.float32, device=device)
     sizes = torch.zeros(len(grads), dtype=torch.float32, device=device)
     for key, (ts, idx) in _stored_buckets(grads).items():
-        index, numel = _bucket_index(params.cache, key, device, idx, ts)
+        index, numel, _ = _bucket_index(params.cache, key, device, idx, ts)
         if not key[-1]:  # sparse: the elements not stored are zeros too
             numel = torch.tensor([float(local_tensor(grads[i]).numel()) for i in idx], device=device)
         nonzero.index_copy_(0, index, _norms(ts, 0.0).to(device))
@@ -1534,7 +1597,7 @@ class UnitLayout:
     def __len__(self) -> int:
         return sum(self.rows)
 
-    @property
+    @cached_property
     def num_biased(self) -> int:
         """How many watched weights (the first ones) are read from their bias."""
         return sum(b is not None for b in self.biases)

@@ -159,7 +159,7 @@ def test_cpu_norms_read_again_in_float64_only_the_tensors_out_of_float32_range(m
     monkeypatch.setattr(
         _lightning,
         "foreach_norm",
-        lambda ts, o, dtype=None: wide_reads.append((len(ts), dtype)) or original(ts, o, dtype),
+        lambda ts, o, dtype=None, **kw: wide_reads.append((len(ts), dtype)) or original(ts, o, dtype, **kw),
     )
     calls = _count_max_passes(monkeypatch)
     snap = take_snapshot(_params(big, torch.randn(n)), max_abs=False)
@@ -204,3 +204,26 @@ def test_reading_an_up_front_max_abs_keeps_it_up_front(monkeypatch):
     calls = _count_max_passes(monkeypatch)
     take_snapshot(params)
     assert calls[0] == 1
+
+
+def test_a_clipper_reuses_the_snapshot_buckets_only_for_the_very_same_gradients():
+    import gc
+    import weakref
+
+    grads = [torch.randn(3), torch.randn(2, 2), None]
+    params = _params(*grads)
+    snap = take_snapshot(params)
+    now = params.grads()
+    buckets = snap.buckets_of(now)
+    assert buckets is not None and [t for ts, _ in buckets.values() for t in ts] == [now[0], now[1]]
+    params.params[1].grad = torch.randn(2, 2)  # replaced by someone else: bucket again
+    assert snap.buckets_of(params.grads()) is None
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (3,))
+    assert take_snapshot(_params(sparse, torch.randn(2))).buckets_of([sparse, None]) is None
+    # the snapshot keeps no gradient alive
+    ref = weakref.ref(params.params[0].grad)
+    snap = take_snapshot(params)
+    params.params[0].grad = None
+    del now, buckets, grads
+    gc.collect()
+    assert ref() is None and snap.norms[0] > 0

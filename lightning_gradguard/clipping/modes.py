@@ -177,6 +177,11 @@ class Step:
     def grads(self) -> list[Tensor | None]:
         return self.snap.params.grads()
 
+    def scale_(self, coef: Tensor) -> None:
+        """Multiply the gradients in place by ``coef``, with the snapshot's buckets when they are still the same."""
+        grads = self.grads
+        scale_(grads, coef, self.snap.buckets_of(grads))
+
     @property
     def inv_scale(self) -> Tensor | None:
         return None if self.snap.scale is None else self.snap.scale.reciprocal()
@@ -321,7 +326,7 @@ class NormMode(ClipMode):
     def apply(self, step: Step) -> ClipResult:
         threshold = self.settings["max_norm"]
         coef = clip_coefficient(step.pre, threshold)
-        scale_(step.grads, coef)
+        step.scale_(coef)
         return ClipResult.of(step, threshold, coef < 1, coef=coef)
 
 
@@ -408,7 +413,7 @@ class _LearnedMode(ClipMode):
             rule.observe(step.pre, torch.zeros((), dtype=torch.bool, device=step.pre.device))
             never = torch.zeros((), dtype=torch.bool, device=step.pre.device)
             return ClipResult.of(step, threshold, never, coef=torch.zeros_like(coef), skipped=True, over_skip=True)
-        scale_(step.grads, coef)
+        step.scale_(coef)
         rule.observe(step.pre, step.finite)
         return ClipResult.of(step, threshold, coef < 1, coef=coef, over_skip=over)
 
@@ -424,7 +429,7 @@ class _LearnedMode(ClipMode):
         """
         skip = over & (torch.as_tensor(step.over_streak, device=over.device) < self.settings["skip_limit"])
         coef = torch.where(skip, 0.0, coef)
-        scale_(step.grads, coef)
+        step.scale_(coef)
         rule.observe(step.pre, step.finite & ~skip)
         return ClipResult.of(step, threshold, ~skip & (coef < 1), coef=coef, skipped=skip, over_skip=over)
 
@@ -520,7 +525,7 @@ class AgcMode(ClipMode):
             post = current_norm(step) if (threshold is not None or step.measure) else None
         if threshold is not None and post is not None:  # the total-norm ceiling, after AGC
             coef = clip_coefficient(post, threshold)
-            scale_(step.grads, coef)
+            step.scale_(coef)
             clipped, post = clipped | (coef < 1), post * coef
         return ClipResult.of(step, threshold, clipped, post=post, extra=extra, warnings=warnings)
 

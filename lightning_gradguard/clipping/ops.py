@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,13 +93,18 @@ def coalesce_sparse_grads_(params: Iterable[Tensor]) -> None:
             p.grad = g.coalesce()
 
 
-def scale_(tensors: Iterable[Tensor | None], coef: Tensor) -> None:
+def scale_(
+    tensors: Iterable[Tensor | None],
+    coef: Tensor,
+    buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[int]]] | None = None,
+) -> None:
     """Multiply every tensor in place by the 0-dim device tensor ``coef``.
 
     One foreach multiplication per (device, dtype) bucket of dense tensors; sparse
     tensors are scaled one by one (a coalesced COO tensor through its values, so it stays
     coalesced); ``None`` entries are skipped and DTensors are scaled through their local
-    shard. No host synchronisation.
+    shard. No host synchronisation. ``buckets``: :func:`~lightning_gradguard.stats.bucket`
+    of ``tensors`` when the caller has it already (a snapshot of the same gradients).
 
     Example:
         >>> g = [torch.ones(2), None, torch.ones(3)]
@@ -107,10 +113,10 @@ def scale_(tensors: Iterable[Tensor | None], coef: Tensor) -> None:
         tensor([0.5000, 0.5000, 0.5000])
     """
     with torch.no_grad():
-        for (device, _, _, dense), (group, _) in bucket(_as_list(tensors)).items():
+        for (device, _, _, dense), (group, _) in (buckets or bucket(_as_list(tensors))).items():
             c = coef.to(device=device, non_blocking=True)
             if dense:
-                _lightning.foreach_mul_(group, c)
+                _lightning.foreach_mul_(group, c, plain=True)
                 continue
             for t in group:
                 if t.layout is torch.sparse_coo and t.is_coalesced():
