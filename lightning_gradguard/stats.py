@@ -440,7 +440,7 @@ class Grouping:
     members: tuple[tuple[str, ...], ...]
     ordered_by: str = "registration"
     unplaced: tuple[str, ...] = ()
-    _index_cache: dict[torch.device, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _index_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -574,6 +574,17 @@ class Grouping:
             ordered_by=self.ordered_by,
             unplaced=tuple(n for n, span in zip(names, spans) if all(self.names[k] in unplaced for k in span)),
         )
+
+    def present(self, has_grad: tuple[bool, ...]) -> tuple[bool, ...]:
+        """Per group, whether any of its parameters has a gradient (cached for the last pattern seen)."""
+        cached = self._index_cache.get("present")
+        if cached is not None and cached[0] == has_grad:
+            return cached[1]
+        present = [False] * len(self)
+        for gi, has in zip(self.index, has_grad):
+            present[gi] = present[gi] or has
+        self._index_cache["present"] = (has_grad, tuple(present))
+        return tuple(present)
 
     def index_tensor(self, device: torch.device) -> Tensor:
         """``index`` as a long tensor on ``device`` (built once per device)."""
@@ -1350,14 +1361,11 @@ class GradSnapshot:
                 0, index, values, reduce="amax", include_self=True
             )
 
-        present = [False] * g
-        for gi, has in zip(grouping.index, self.has_grad):
-            present[gi] = present[gi] or has
         result = GroupedStats(
             grouping=grouping,
             norms=norms,
             max_abs=group_max(self._max_abs) if self._max_abs is not None else None,
-            present=tuple(present),
+            present=grouping.present(self.has_grad),
             nonfinite=nonfinite,
             max_abs_of=group_max,
             on_read=self._mark_wanted,
