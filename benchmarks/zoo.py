@@ -523,6 +523,7 @@ class Recorder(pl.Callback):
         self.naive_first_layer: str | None = None
         self.max_unit_share = 0.0
         self.max_growth = 1.0
+        self.max_ratio = 0.0
         self._params: ParamSet | None = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -549,6 +550,9 @@ class Recorder(pl.Callback):
             if shares.numel():
                 self.max_unit_share = max(self.max_unit_share, float(shares.max()))
             self.max_growth = max(self.max_growth, math.exp(float(detector.growth())))
+            ratio = float(detector.deep_shallow_ratio())
+            if math.isfinite(ratio) and self.first_nonfinite is None:  # until the run breaks
+                self.max_ratio = max(self.max_ratio, ratio)
 
 
 @dataclass
@@ -563,6 +567,7 @@ class Run:
     naive: dict[str, int | None]
     max_unit_share: float
     max_growth: float
+    max_ratio: float = 0.0
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -609,6 +614,7 @@ def run_case(case: Case, seed: int, **alarm_args: Any) -> Run:
         naive=rec.naive,
         max_unit_share=rec.max_unit_share,
         max_growth=rec.max_growth,
+        max_ratio=rec.max_ratio,
         seconds=seconds,
     )
 
@@ -685,8 +691,9 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 def measures(runs: list[dict[str, Any]]) -> str:
     rows = [
-        "| case | expected | max dead-unit share (per run) | max geometric growth run (per run) | seconds |",
-        "|---|---|---|---|---|",
+        "| case | expected | max dead-unit share (per run) | max geometric growth run (per run) "
+        "| max deep/shallow ratio, median of `patience` steps (per run) | seconds |",
+        "|---|---|---|---|---|---|",
     ]
     cases = {c.name: c for c in CASES}
     by_case: dict[str, list[dict[str, Any]]] = {}
@@ -696,7 +703,9 @@ def measures(runs: list[dict[str, Any]]) -> str:
         exp = cases[name].expected if name in cases else None
         rows.append(
             f"| {name} | {exp or 'healthy'} | {', '.join(format(r['max_unit_share'], '.2f') for r in rs)} | "
-            f"{', '.join(format(r['max_growth'], '.3g') for r in rs)} | {sum(r['seconds'] for r in rs):.0f} |"
+            f"{', '.join(format(r['max_growth'], '.3g') for r in rs)} | "
+            f"{', '.join(format(r.get('max_ratio', math.nan), '.3g') for r in rs)} | "
+            f"{sum(r['seconds'] for r in rs):.0f} |"
         )
     return "\n".join(rows)
 

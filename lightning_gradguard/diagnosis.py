@@ -620,6 +620,16 @@ class HealthDetector:
         """Log of the total norm over the smallest of the last finite steps, at the last finite one (0-dim device)."""
         return self._state.grow_log if self._state is not None else torch.zeros(())
 
+    def deep_shallow_ratio(self) -> Tensor:
+        """The median deepest/shallowest norm ratio over the last ``patience`` finite steps (0-dim device).
+
+        What the ``vanish_ratio`` rule compares; NaN until ``patience`` finite steps were seen.
+        """
+        st = self._state
+        if st is None or st.vanish_seen.item() < self.config.patience:  # a host read: for benchmarks, not per step
+            return torch.full((), math.nan)
+        return torch.exp((st.deep_ring - st.shallow_ring).nanmedian())
+
     def layer_growth(self) -> Tensor:
         """Per group, log of its norm at the last update over its norm at the window's smallest step (device)."""
         growth = getattr(self, "_layer_growth", None)
@@ -735,11 +745,17 @@ class ModelTraits:
     normalized: bool
     transformer: bool
     depth: int
+    #: skip connections in the forward pass (``None``: unknown; transformer layers have them)
+    skips: int | None = None
+
+    @property
+    def residual(self) -> bool:
+        return bool(self.skips) or self.transformer
 
     @classmethod
-    def of(cls, model: nn.Module | None) -> ModelTraits:
+    def of(cls, model: nn.Module | None, skips: int | None = None) -> ModelTraits:
         if model is None:
-            return cls((), False, False, False, False, 0)
+            return cls((), False, False, False, False, 0, skips)
         saturating: list[str] = []
         plain_rnn = gated_rnn = normalized = transformer = False
         depth = 0
@@ -756,24 +772,31 @@ class ModelTraits:
                 transformer = True
             if isinstance(module, _DEEP_LAYERS):
                 depth += 1
-        return cls(tuple(saturating), plain_rnn, gated_rnn, normalized, transformer, depth)
+        return cls(tuple(saturating), plain_rnn, gated_rnn, normalized, transformer, depth, skips)
 
 
 def advise(
-    kind: str, model: nn.Module | None, *, scaler_active: bool = False, depth_problem: bool = False
+    kind: str,
+    model: nn.Module | None,
+    *,
+    scaler_active: bool = False,
+    depth_problem: bool = False,
+    skips: int | None = None,
 ) -> list[str]:
     """Remedies for a ``kind`` of finding that fit ``model``'s modules.
 
     ``depth_problem``: an explosion that grows layer by layer toward the input, or one
     present at the first step, before any update: the initialisation and normalisation
-    come first there, the learning rate last.
+    come first there, the learning rate last. ``skips``: the skip connections the
+    forward pass showed (:attr:`~lightning_gradguard.stats.ForwardOrder.skips`), which
+    ``model``'s modules do not: a model that has them is not told to add residuals.
 
     Example:
         >>> from torch import nn
         >>> advise("vanishing", nn.Sequential(nn.Linear(2, 2), nn.Sigmoid()))[0]
         'replace the Sigmoid hidden activations with ReLU/GELU and use He (kaiming) initialisation'
     """
-    t = ModelTraits.of(model)
+    t = ModelTraits.of(model, skips)
     out: list[str] = []
     if kind in ("vanishing", "dead"):
         if t.saturating:
@@ -782,11 +805,11 @@ def advise(
         if t.plain_rnn:
             out.append("replace nn.RNN with nn.LSTM or nn.GRU, whose gates keep gradients alive over long sequences")
         if t.depth >= 8 and not t.normalized:
-            out.append(
-                f"{t.depth} stacked Linear/Conv layers without normalisation: add residual (skip) "
-                "connections and LayerNorm/BatchNorm"
+            what = (
+                "add LayerNorm/BatchNorm" if t.residual else "add residual (skip) connections and LayerNorm/BatchNorm"
             )
-        elif t.depth >= 8 and not t.saturating:
+            out.append(f"{t.depth} stacked Linear/Conv layers without normalisation: {what}")
+        elif t.depth >= 8 and not t.saturating and not t.residual:
             out.append("add residual (skip) connections so gradients reach the first layers directly")
         if kind == "dead":
             out.append(
@@ -800,7 +823,8 @@ def advise(
             "initialisation (Xavier/He; orthogonal for RNNs) or scale down the deeper layers' init"
         )
         if not t.normalized:
-            out.append("add normalisation (LayerNorm/BatchNorm) and residual connections between the layers")
+            residual = "" if t.residual else " and residual connections"
+            out.append(f"add normalisation (LayerNorm/BatchNorm){residual} between the layers")
         out.append(
             "clip gradients by norm meanwhile: lightning_gradguard.AdaptiveClipper(mode='zscore'); a lower "
             "learning rate only delays a depth explosion"
@@ -860,6 +884,8 @@ class Evidence:
         steps_seen: finite steps the detector has seen, this one included.
         ordered_by: how the groups are ordered (``Grouping.ordered_by``: ``"untraced"``
             when the forward pass was looked for and could not be traced).
+        skips: skip connections seen in the forward pass (``Grouping.skips``; ``None``:
+            not looked at).
     """
 
     host: HostStats
@@ -875,6 +901,7 @@ class Evidence:
     units_per_group: tuple[int, ...] = ()
     steps_seen: int = 0
     ordered_by: str = "forward"
+    skips: int | None = None
 
     @classmethod
     def collect(
@@ -912,6 +939,7 @@ class Evidence:
             units_per_group=units.per_group if units is not None else (),
             steps_seen=int(seen),
             ordered_by=stats.grouping.ordered_by,
+            skips=stats.grouping.skips,
         )
 
     @property
@@ -1084,5 +1112,11 @@ def build_finding(kind: str, step: int, evidence: Evidence, *, model: nn.Module 
         zscore=draft.zscore,
         toward_input=draft.toward_input,
         units=list(draft.units),
-        advice=advise(kind, model, scaler_active=evidence.scaler_active, depth_problem=draft.depth_problem),
+        advice=advise(
+            kind,
+            model,
+            scaler_active=evidence.scaler_active,
+            depth_problem=draft.depth_problem,
+            skips=evidence.skips,
+        ),
     )

@@ -241,6 +241,9 @@ class ForwardOrder:
     Attributes:
         first_use: per parameter of the set, its position in the forward pass (``None``:
             not reached by the graph: frozen, unused, or behind a reentrant checkpoint).
+        skips: skip connections found in the graph: an addition or concatenation one of
+            whose inputs is computed from another (``x + f(x)``, ``cat([x, f(x)])``), the
+            residuals a model writes in ``forward`` that its modules do not show.
         traced: whether any parameter was reached (``False``: registration order only).
 
     Example:
@@ -261,6 +264,7 @@ class ForwardOrder:
     """
 
     first_use: tuple[int | None, ...]
+    skips: int = field(default=0, compare=False)
     #: positions (in the set) of the parameters the graph did not reach; derived once, so the
     #: per-step check of :func:`record_forward_order` looks at these only
     unreached: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -287,6 +291,7 @@ class ForwardOrder:
         first: dict[int, int] = {}
         root = getattr(loss, "grad_fn", None)
         seen: set[Any] = set()
+        joins: list[Any] = []
         stack = [root] if root is not None else []
         while stack:
             node = stack.pop()
@@ -294,6 +299,8 @@ class ForwardOrder:
                 continue
             seen.add(node)
             seq = node._sequence_nr()  # the forward position of the operation (public on every Node)
+            if type(node).__name__.startswith(_JOINS):
+                joins.append(node)
             for nxt, _ in node.next_functions:
                 if nxt is None:
                     continue
@@ -304,7 +311,41 @@ class ForwardOrder:
                         first[key] = seq
                 elif nxt not in seen:
                     stack.append(nxt)
-        return cls(tuple(first.get(id(p)) for p in params.params))
+        skips = sum(_is_skip(node) for node in joins)
+        return cls(tuple(first.get(id(p)) for p in params.params), skips)
+
+
+#: the autograd nodes of an addition or a concatenation (where a skip connection rejoins)
+_JOINS = ("AddBackward", "CatBackward")
+
+
+def _is_skip(join: Any) -> bool:
+    """Whether an addition/concatenation node adds something to a value it was computed from.
+
+    Its inputs (operations, not leaves) are ordered by forward position; one is a skip's
+    source when another input's graph reaches it. The search from the later input stops at
+    operations that ran before the earliest input (they cannot lead to it), so it covers
+    one block's operations, not the whole graph.
+    """
+    inputs = sorted(
+        {n for n, _ in join.next_functions if n is not None and getattr(n, "variable", None) is None},
+        key=lambda n: n._sequence_nr(),
+    )
+    if len(inputs) < 2:
+        return False
+    source, floor = inputs[0], inputs[0]._sequence_nr()
+    for later in inputs[1:]:
+        seen: set[Any] = set()
+        stack = [later]
+        while stack:
+            node = stack.pop()
+            if node is source:
+                return True
+            if node in seen or node._sequence_nr() < floor:
+                continue
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions if n is not None and getattr(n, "variable", None) is None)
+    return False
 
 
 def record_forward_order(
@@ -433,6 +474,8 @@ class Grouping:
             order is kept).
         unplaced: groups none of whose parameters the forward pass reached; they sit
             right after the group registered before them.
+        skips: the skip connections the forward pass showed (:attr:`ForwardOrder.skips`);
+            ``None`` when it was not looked at.
     """
 
     names: tuple[str, ...]
@@ -440,6 +483,7 @@ class Grouping:
     members: tuple[tuple[str, ...], ...]
     ordered_by: str = "registration"
     unplaced: tuple[str, ...] = ()
+    skips: int | None = None
     _index_cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -499,6 +543,7 @@ class Grouping:
                 index=tuple(index),
                 members=tuple(tuple(m) for m in members),
                 ordered_by="registration" if order is None else "untraced",
+                skips=None if order is None else order.skips,
             )
         first: list[int | None] = [None] * len(names)
         for gi, use in zip(index, order.first_use):
@@ -516,6 +561,7 @@ class Grouping:
             members=tuple(tuple(members[g]) for g in perm),
             ordered_by="forward",
             unplaced=tuple(names[g] for g in perm if first[g] is None),
+            skips=order.skips,
         )
 
     def __len__(self) -> int:
@@ -572,6 +618,7 @@ class Grouping:
             index=tuple(where[gi] for gi in self.index),
             members=tuple(tuple(m for k in span for m in self.members[k]) for span in spans),
             ordered_by=self.ordered_by,
+            skips=self.skips,
             unplaced=tuple(n for n, span in zip(names, spans) if all(self.names[k] in unplaced for k in span)),
         )
 

@@ -19,7 +19,15 @@ from lightning_gradguard.diagnosis import (
     advise,
     build_finding,
 )
-from lightning_gradguard.stats import GroupedStats, Grouping, ParamSet, UnitLayout, UnitStats, take_snapshot
+from lightning_gradguard.stats import (
+    ForwardOrder,
+    GroupedStats,
+    Grouping,
+    ParamSet,
+    UnitLayout,
+    UnitStats,
+    take_snapshot,
+)
 
 GROUPING = Grouping(names=("first", "last"), index=(0, 1), members=(("first.w",), ("last.w",)))
 
@@ -252,6 +260,38 @@ def test_advice_fits_the_model():
     assert not any("without normalisation" in a for a in advise("vanishing", normed))
     assert any("bf16" in a for a in advise("nonfinite", None, scaler_active=True))
     assert not any("bf16" in a for a in advise("nonfinite", None, scaler_active=False))
+
+
+class _ResidualMLP(nn.Module):
+    """Ten Linear layers whose residuals live in ``forward``: the modules alone look like a plain stack."""
+
+    def __init__(self, cat: bool = False):
+        super().__init__()
+        self.cat = cat
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(10))
+
+    def forward(self, x):
+        for layer in self.layers:  # a dense-net join (concatenate, then fold) or a residual sum
+            x = torch.cat([x, torch.relu(layer(x))], 1).view(-1, 2, 4).sum(1) if self.cat else x + torch.relu(layer(x))
+        return x.sum()
+
+
+@pytest.mark.parametrize("cat", [False, True], ids=["add", "cat"])
+def test_skip_connections_written_in_forward_are_seen_and_residuals_are_not_advised_again(cat):
+    net = _ResidualMLP(cat)
+    params = ParamSet.from_module(net)
+    x = torch.randn(3, 4)
+    order = ForwardOrder.of(net(x), params)
+    assert order.skips >= 9  # every block after the first (whose input is not an operation)
+    grouping = Grouping.build(params, order=order)
+    assert grouping.skips == order.skips
+    assert not any("residual" in a for a in advise("vanishing", net, skips=order.skips))
+    assert any("LayerNorm" in a for a in advise("vanishing", net, skips=order.skips))
+    assert any("residual" in a for a in advise("vanishing", net, skips=0))
+    plain = nn.Sequential(*[nn.Linear(4, 4) for _ in range(10)])
+    assert ForwardOrder.of(plain(x).sum(), ParamSet.from_module(plain)).skips == 0
+    grown = advise("exploding", net, depth_problem=True, skips=order.skips)
+    assert any("normalisation" in a for a in grown) and not any("residual" in a for a in grown)
 
 
 # ---------------------------------------------------------------------- geometric growth
