@@ -567,7 +567,7 @@ class Run:
     naive: dict[str, int | None]
     max_unit_share: float
     max_growth: float
-    max_ratio: float = 0.0
+    max_ratio: float
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
 
