@@ -537,9 +537,10 @@ class HealthDetector:
         if loss_finite is not None:
             finite = finite & loss_finite.to(device)
         total = stats.total_norm
+        log_total = torch.log(total.clamp_min(1e-38))
         nonfinite, overflow, scale = self._nonfinite(st, finite, scaler_active, loss_scale)
-        exploding, zscore = self._exploding(st, total, finite)
-        exploding = exploding | self._growing(st, stats, total, finite)
+        exploding, zscore = self._exploding(st, total, log_total, finite)
+        exploding = exploding | self._growing(st, stats, log_total, finite)
         vanishing, ratio = self._vanishing(st, stats, finite)
         dead = self._dead(st, stats, finite) | self._dead_units(st, stats, units, finite)
         return DeviceReading(
@@ -554,38 +555,47 @@ class HealthDetector:
             loss_scale=scale,
         )
 
+    def _const(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(False, 1.0)`` as 0-dim tensors on ``device``, made once: flags and values that rules return unchanged."""
+        key = ("const", device)
+        const = self._present_cache.get(key)
+        if const is None:
+            const = self._present_cache[key] = (
+                torch.zeros((), dtype=torch.bool, device=device),
+                torch.ones((), device=device),
+            )
+        return const
+
     def _nonfinite(
         self, st: DetectorState, finite: Tensor, scaler_active: bool, loss_scale: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(nonfinite, overflow, loss scale)``: under a scaler a non-finite step is an overflow first."""
-        one = torch.ones((), device=finite.device)
+        false, one = self._const(finite.device)
         if not scaler_active:
-            return ~finite, torch.zeros_like(finite), one
+            return ~finite, false, one
         st.overflow_run = torch.where(finite, torch.zeros_like(st.overflow_run), st.overflow_run + 1)
         scale = loss_scale.to(finite.device).float() if loss_scale is not None else one
         cfg = self.config
         failing = (st.overflow_run >= cfg.max_consecutive_overflows) | (scale < cfg.min_loss_scale)
         return ~finite & failing, ~finite, scale
 
-    def _exploding(self, st: DetectorState, total: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    def _exploding(self, st: DetectorState, total: Tensor, log_total: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
         """``(exploding, z-score)``: the ceiling, and a spike of log-norm against the moving mean/variance."""
         cfg = self.config
-        log_total = torch.log(total.clamp_min(1e-38))
         std = st.var.clamp_min(0.1).sqrt()
         z = (log_total - st.mean) / std
         armed = st.count >= cfg.warmup_steps
-        exploding = torch.zeros((), dtype=torch.bool, device=total.device)
+        exploding = self._const(total.device)[0]
         if cfg.spike_zscore is not None:
-            spike = armed & (z > cfg.spike_zscore)
+            exploding = armed & (z > cfg.spike_zscore)
             if cfg.spike_min_ratio is not None:
-                spike = spike & (log_total - st.mean >= math.log(cfg.spike_min_ratio))
-            exploding = exploding | spike
+                exploding = exploding & (log_total - st.mean >= math.log(cfg.spike_min_ratio))
         if cfg.max_norm is not None:
             exploding = exploding | (total > cfg.max_norm)
         self._learn_level(st, log_total, std, armed, finite)
-        return exploding & finite, torch.where(armed, z, torch.full_like(z, math.nan))
+        return exploding & finite, torch.where(armed, z, math.nan)
 
-    def _growing(self, st: DetectorState, stats: GroupedStats, total: Tensor, finite: Tensor) -> Tensor:
+    def _growing(self, st: DetectorState, stats: GroupedStats, log_total: Tensor, finite: Tensor) -> Tensor:
         """Geometric growth: ``growth_total`` times the smallest of the last finite steps, rising now.
 
         The total norm is compared with the smallest of the last :data:`GROWTH_WINDOW`
@@ -595,7 +605,6 @@ class HealthDetector:
         per-group rings let a finding name the layers that grew (:meth:`layer_growth`).
         """
         cfg = self.config
-        log_total = torch.log(total.clamp_min(1e-38))
         log_groups = torch.log(stats.norms.clamp_min(1e-38))
         slot = (st.growth_seen % GROWTH_WINDOW).long().view(1)
         total_ring = torch.where(finite, st.total_ring.index_copy(0, slot, log_total.view(1)), st.total_ring)
@@ -609,7 +618,7 @@ class HealthDetector:
         st.grow_log = torch.where(finite, growth, st.grow_log)
         st.prev_log = torch.where(finite, log_total, st.prev_log)
         if cfg.growth_total is None:
-            return torch.zeros_like(finite)
+            return self._const(finite.device)[0]
         return finite & rising & (growth >= math.log(cfg.growth_total))
 
     def steps_seen(self) -> Tensor:
@@ -652,7 +661,7 @@ class HealthDetector:
         """``(vanishing, ratio)``: medians over a window of the deepest and shallowest layers with a gradient."""
         cfg, device = self.config, finite.device
         present = [i for i, p in enumerate(stats.present) if p]
-        vanishing = torch.zeros((), dtype=torch.bool, device=device)
+        vanishing = self._const(device)[0]
         if len(present) < 2:
             return vanishing, torch.full((), math.nan, device=device)
         log_shallow = torch.log(stats.norms[present[0]].clamp_min(1e-38))
@@ -697,7 +706,7 @@ class HealthDetector:
         self._unit_shares = None
         share = self.config.dead_unit_share
         if units is None or share is None or not units.num_units:
-            return torch.zeros_like(finite)
+            return self._const(finite.device)[0]
         device = finite.device
         seg = st.unit_run.index_select(0, units.looked)
         new = torch.where(units.zero, seg + units.every, torch.where(units.nonzero, 0.0, seg))

@@ -987,22 +987,36 @@ def _per_tensor(
         device = next(iter(buckets))[0] if buckets else torch.device("cpu")
     if maxes is None:  # sparse gradients get coalesced (replaced) by clipping: their max is taken now
         maxes = any(not key[-1] for key in buckets)
-    out_norms = torch.zeros(n, dtype=torch.float32, device=device)
-    out_maxes = torch.zeros(n, dtype=torch.float32, device=device)
+    # one bucket holding every tensor, in order (the common case): its vectors are the result
+    whole = len(buckets) == 1 and len(next(iter(buckets.values()))[1]) == n
+    out_norms = torch.zeros(n, dtype=torch.float32, device=device) if not whole else None
+    out_maxes: Tensor | None = None
     all_maxes = True  # every bucket took max |x| for its norms: it comes for free
     for key, (ts, idx) in buckets.items():
         index, sizes, floor = _bucket_index(cache, key, device, idx, ts)
         bucket_maxes = None
         if norms:
             bucket_norms, bucket_maxes = _bucket_norms(ts, sizes, floor, inv_scale)
-            out_norms.index_copy_(0, index, bucket_norms.to(device))
+            if whole:
+                out_norms = bucket_norms.to(device)
+            else:
+                out_norms.index_copy_(0, index, bucket_norms.to(device))  # type: ignore[union-attr]
         all_maxes = all_maxes and bucket_maxes is not None
         if maxes or bucket_maxes is not None:
             if bucket_maxes is None:
                 bucket_maxes = _max_abs(ts)
                 if inv_scale is not None:
                     bucket_maxes = bucket_maxes * inv_scale.to(bucket_maxes.device)
-            out_maxes.index_copy_(0, index, bucket_maxes.to(device))
+            if whole:
+                out_maxes = bucket_maxes.to(device)
+            else:
+                if out_maxes is None:
+                    out_maxes = torch.zeros(n, dtype=torch.float32, device=device)
+                out_maxes.index_copy_(0, index, bucket_maxes.to(device))
+    if out_norms is None:  # nothing to read (no gradient at all), or maxes only
+        out_norms = torch.zeros(n, dtype=torch.float32, device=device)
+    if maxes and out_maxes is None:
+        out_maxes = torch.zeros(n, dtype=torch.float32, device=device)
     if not maxes and not (norms and all_maxes):
         out_maxes = None
     if norms:
@@ -1205,8 +1219,10 @@ class GroupedStats:
         nonfinite: Tensor | None = None,
         max_abs_of: Callable[[], Tensor] | None = None,
         on_read: Callable[[], None] | None = None,
+        totals: GradSnapshot | None = None,
     ) -> None:
         self._on_read = on_read
+        self._totals = totals  # the snapshot grouped: its total norm and finiteness are the groups' too
         if max_abs is None and max_abs_of is None and nonfinite is None:
             raise ValueError("`GroupedStats` needs `max_abs`, or `nonfinite` and `max_abs_of`.")
         self.grouping = grouping
@@ -1234,7 +1250,7 @@ class GroupedStats:
     @property
     def total_norm(self) -> Tensor:
         """L2 norm of all gradients, a 0-dim device tensor."""
-        return total_norm(self.norms)
+        return self._totals.total_norm if self._totals is not None else total_norm(self.norms)
 
     @property
     def nonfinite(self) -> Tensor:
@@ -1245,8 +1261,8 @@ class GroupedStats:
 
     @property
     def all_finite(self) -> Tensor:
-        """0-dim device bool: no NaN or Inf in any gradient. Reading it syncs."""
-        return ~self.nonfinite.any()
+        """0-dim device bool: no NaN or Inf in any gradient."""
+        return self._totals.all_finite if self._totals is not None else ~self.nonfinite.any()
 
     def to_host(self, extra: Sequence[Tensor] = (), *, max_abs: bool | None = None) -> HostStats:
         """Copy the statistics (and optional extra tensors) to the host in one transfer.
@@ -1338,6 +1354,8 @@ class GradSnapshot:
         self._max_abs = max_abs
         self._stamp = stamp
         self._cache: dict[int, GroupedStats] = {}
+        self._total: Tensor | None = None
+        self._finite: Tensor | None = None
         #: the ids of the gradients it read and where each dense bucket's are (see :meth:`buckets_of`)
         self._layout: tuple[tuple[int, ...], dict[tuple[Any, ...], list[int]]] | None = None
 
@@ -1416,19 +1434,24 @@ class GradSnapshot:
             nonfinite=nonfinite,
             max_abs_of=group_max,
             on_read=self._mark_wanted,
+            totals=self,
         )
         self._cache[id(grouping)] = result
         return result
 
     @property
     def total_norm(self) -> Tensor:
-        """L2 norm of all gradients, a 0-dim device tensor."""
-        return total_norm(self.norms)
+        """L2 norm of all gradients, a 0-dim device tensor (computed once per snapshot)."""
+        if self._total is None:
+            self._total = total_norm(self.norms)
+        return self._total
 
     @property
     def all_finite(self) -> Tensor:
-        """0-dim device bool: no NaN or Inf in any gradient (read from the norms)."""
-        return torch.isfinite(self.norms).all()
+        """0-dim device bool: no NaN or Inf in any gradient (read from the norms; computed once per snapshot)."""
+        if self._finite is None:
+            self._finite = torch.isfinite(self.norms).all()
+        return self._finite
 
     def __repr__(self) -> str:
         return f"GradSnapshot(tensors={len(self.params)}, norms={self.norms}, max_abs_known={self.max_abs_known})"

@@ -403,7 +403,8 @@ class _LearnedMode(ClipMode):
         if s["skip_factor"] is not None:
             above = step.finite & (step.pre > s["skip_factor"] * bound)
             if step.agree_on_device is not None:  # an outlier where every rank says so and its own norm is finite
-                return self._skip_on_device(step, rule, threshold, coef, step.agree_on_device(above) & step.finite)
+                over_here = step.agree_on_device(above) & step.finite
+                return self._skip_on_device(step, rule, bound, threshold, coef, over_here)
             # one host copy: the step's finiteness and its verdict
             finite, above_here = torch.stack([step.finite, above]).tolist()
             verdict = step.agree(bool(above_here))  # a collective: every rank calls it, whatever its step
@@ -414,11 +415,11 @@ class _LearnedMode(ClipMode):
             never = torch.zeros((), dtype=torch.bool, device=step.pre.device)
             return ClipResult.of(step, threshold, never, coef=torch.zeros_like(coef), skipped=True, over_skip=True)
         step.scale_(coef)
-        rule.observe(step.pre, step.finite)
+        rule.observe(step.pre, step.finite, bound)
         return ClipResult.of(step, threshold, coef < 1, coef=coef, over_skip=over)
 
     def _skip_on_device(
-        self, step: Step, rule: LearnedThreshold, threshold: Tensor, coef: Tensor, over: Tensor
+        self, step: Step, rule: LearnedThreshold, bound: Tensor, threshold: Tensor, coef: Tensor, over: Tensor
     ) -> ClipResult:
         """:meth:`apply`'s skip decision as 0-dim device tensors: no host read at all.
 
@@ -430,7 +431,7 @@ class _LearnedMode(ClipMode):
         skip = over & (torch.as_tensor(step.over_streak, device=over.device) < self.settings["skip_limit"])
         coef = torch.where(skip, 0.0, coef)
         step.scale_(coef)
-        rule.observe(step.pre, step.finite & ~skip)
+        rule.observe(step.pre, step.finite & ~skip, bound)
         return ClipResult.of(step, threshold, ~skip & (coef < 1), coef=coef, skipped=skip, over_skip=over)
 
     def threshold_rule(self, index: int) -> LearnedThreshold | None:

@@ -55,8 +55,9 @@ def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
         threshold = threshold.to(device=norm.device, dtype=torch.float32)
     ratio = threshold / norm.clamp_min(torch.finfo(torch.float32).tiny)  # a float stays a scalar: no copy
     coef = ratio.clamp(max=1.0)
-    keep = torch.isfinite(norm) & (norm > 0) & ~torch.isnan(coef)
-    return torch.where(keep, coef, torch.ones_like(coef))
+    # comparisons with NaN are false: a NaN norm or coefficient keeps 1, and so do 0 and inf
+    keep = (norm > 0) & (norm < math.inf) & (coef == coef)
+    return torch.where(keep, coef, 1.0)
 
 
 def _sparse_elements(t: Tensor) -> Tensor:

@@ -160,7 +160,7 @@ class LearnedThreshold:
         """The statistic of past norms (0-dim float32); ``inf`` when nothing was observed."""
         raise NotImplementedError
 
-    def observe(self, norm: Tensor, accept: Tensor) -> None:
+    def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
         """Record this step's total ``norm`` where ``accept`` (0-dim bool) is true.
 
         Call it after :meth:`threshold` was read for the step: the step's own norm is not
@@ -169,6 +169,8 @@ class LearnedThreshold:
         Args:
             norm: the pre-clip total norm of the step (0-dim tensor).
             accept: whether the step may enter the statistics (e.g. not skipped).
+            bound: :meth:`bound` as read for this step, if the caller has it (saves
+                computing it again).
         """
         raise NotImplementedError
 
@@ -338,7 +340,7 @@ class PercentileThreshold(LearnedThreshold):
     def early(self) -> Tensor:
         return filled_percentile(self.buffer, self.seen.clamp(max=self.window), 50.0)
 
-    def observe(self, norm: Tensor, accept: Tensor) -> None:
+    def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32).reshape(1)
         ok = (accept.to(self.device) & torch.isfinite(norm)).reshape(1)
         pos = (self.seen % self.window).view(1)
@@ -457,13 +459,15 @@ class ZScoreThreshold(LearnedThreshold):
 
     def raw(self) -> Tensor:
         value = self.mean + self.z_threshold * self.var.sqrt()
+        if self.seen_at_least >= self.start_size:  # known on the host: the start is over
+            return value
         return torch.where(self.seen >= self.start_size, value, torch.full_like(value, math.inf))
 
-    def observe(self, norm: Tensor, accept: Tensor) -> None:
+    def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32)
         ok = accept.to(self.device) & torch.isfinite(norm)
         if self.seen_at_least >= self.start_size:  # known on the host: the start is over
-            x = torch.minimum(norm, self.bound())
+            x = torch.minimum(norm, self.bound() if bound is None else bound)
             weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
             d = x - self.mean
             mean = self.mean + weight * d
