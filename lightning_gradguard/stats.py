@@ -1109,21 +1109,43 @@ def total_norm(norms: Tensor) -> Tensor:
         >>> total_norm(torch.tensor([3e-30, 4e-30]))
         tensor(5.0000e-30)
     """
+    if _wide_sum(norms):
+        return _saturate(norms.double().square().sum().sqrt(), norms.dtype)
     return reduce_norms(norms, torch.zeros_like(norms, dtype=torch.long), 1)[0]
+
+
+def _wide_sum(norms: Tensor) -> bool:
+    """Whether ``norms`` (float32 or narrower) can be squared and summed in float64 on their device.
+
+    Their squares cannot under- or overflow there (float32's largest squared, times 2**63
+    items, is 1e96), so the sums are exact in a few operations. Apple's MPS has no float64.
+    """
+    return norms.dtype in (torch.float32, torch.float16, torch.bfloat16) and norms.device.type != "mps"
+
+
+def _saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 ``values`` as ``dtype``, a finite value beyond its range at its largest finite one (NaN/Inf kept)."""
+    top = torch.finfo(dtype).max
+    return torch.where(values < math.inf, values.clamp(max=top), values).to(dtype)
 
 
 def reduce_norms(norms: Tensor, index: Tensor, size: int) -> Tensor:
     """Combine L2 norms into ``size`` group norms: ``sqrt(sum of squares)`` per group.
 
-    Computed as ``m * sqrt(sum((n / m)**2))`` with ``m`` the group's largest norm, so
-    that neither tiny (vanishing) nor huge (exploding) norms under- or overflow in
-    float32. NaN propagates; an Inf norm makes its group Inf.
+    float32 (and narrower) norms are squared and summed in float64, exact for any values;
+    a finite group norm beyond float32's range saturates at 3.4e38. Otherwise (float64
+    norms, or no float64 on the device) it is ``m * sqrt(sum((n / m)**2))`` with ``m`` the
+    group's largest norm, so that neither tiny (vanishing) nor huge (exploding) norms
+    under- or overflow. NaN propagates; an Inf norm makes its group Inf.
 
     Args:
         norms: per-item norms, shape ``(N,)``.
         index: group of each item, shape ``(N,)``, values in ``[0, size)``.
         size: number of groups.
     """
+    if _wide_sum(norms):
+        sums = torch.zeros(size, dtype=torch.float64, device=norms.device).index_add_(0, index, norms.double().square())
+        return _saturate(sums.sqrt(), norms.dtype)
     top = torch.zeros(size, dtype=norms.dtype, device=norms.device).scatter_reduce_(
         0, index, norms, reduce="amax", include_self=True
     )
@@ -1220,11 +1242,13 @@ class GroupedStats:
         max_abs_of: Callable[[], Tensor] | None = None,
         on_read: Callable[[], None] | None = None,
         totals: GradSnapshot | None = None,
+        nonfinite_of: Callable[[], Tensor] | None = None,
     ) -> None:
         self._on_read = on_read
         self._totals = totals  # the snapshot grouped: its total norm and finiteness are the groups' too
-        if max_abs is None and max_abs_of is None and nonfinite is None:
-            raise ValueError("`GroupedStats` needs `max_abs`, or `nonfinite` and `max_abs_of`.")
+        self._nonfinite_of = nonfinite_of
+        if max_abs is None and max_abs_of is None and nonfinite is None and nonfinite_of is None:
+            raise ValueError("`GroupedStats` needs `max_abs`, or `nonfinite` (or `nonfinite_of`) and `max_abs_of`.")
         self.grouping = grouping
         self.norms = norms
         self.present = tuple(present)
@@ -1256,7 +1280,7 @@ class GroupedStats:
     def nonfinite(self) -> Tensor:
         """Per group, whether it holds a NaN or an Inf (device bool tensor)."""
         if self._nonfinite is None:
-            self._nonfinite = ~torch.isfinite(self.max_abs)
+            self._nonfinite = self._nonfinite_of() if self._nonfinite_of is not None else ~torch.isfinite(self.max_abs)
         return self._nonfinite
 
     @property
@@ -1417,8 +1441,10 @@ class GradSnapshot:
         g = len(grouping)
         index = grouping.index_tensor(self.norms.device)
         norms = reduce_norms(self.norms, index, g)
-        bad = (~torch.isfinite(self.norms)).to(self.norms.dtype)
-        nonfinite = torch.zeros(g, dtype=self.norms.dtype, device=self.norms.device).index_add_(0, index, bad) > 0
+
+        def group_nonfinite() -> Tensor:  # on first read: most steps only ask whether all is finite
+            bad = (~torch.isfinite(self.norms)).to(self.norms.dtype)
+            return torch.zeros(g, dtype=self.norms.dtype, device=self.norms.device).index_add_(0, index, bad) > 0
 
         def group_max(values: Tensor | None = None) -> Tensor:
             values = self.max_abs if values is None else values
@@ -1431,7 +1457,7 @@ class GradSnapshot:
             norms=norms,
             max_abs=group_max(self._max_abs) if self._max_abs is not None else None,
             present=grouping.present(self.has_grad),
-            nonfinite=nonfinite,
+            nonfinite_of=group_nonfinite,
             max_abs_of=group_max,
             on_read=self._mark_wanted,
             totals=self,
@@ -1443,15 +1469,23 @@ class GradSnapshot:
     def total_norm(self) -> Tensor:
         """L2 norm of all gradients, a 0-dim device tensor (computed once per snapshot)."""
         if self._total is None:
-            self._total = total_norm(self.norms)
-        return self._total
+            self._totals()
+        return self._total  # type: ignore[return-value]
 
     @property
     def all_finite(self) -> Tensor:
         """0-dim device bool: no NaN or Inf in any gradient (read from the norms; computed once per snapshot)."""
         if self._finite is None:
-            self._finite = torch.isfinite(self.norms).all()
-        return self._finite
+            self._totals()
+        return self._finite  # type: ignore[return-value]
+
+    def _totals(self) -> None:
+        """The total norm and finiteness together: a float64 sum of squares is Inf/NaN exactly when a norm is."""
+        if _wide_sum(self.norms):
+            wide = self.norms.double().square().sum().sqrt()
+            self._total, self._finite = _saturate(wide, self.norms.dtype), wide < math.inf
+        else:
+            self._total, self._finite = total_norm(self.norms), torch.isfinite(self.norms).all()
 
     def __repr__(self) -> str:
         return f"GradSnapshot(tensors={len(self.params)}, norms={self.norms}, max_abs_known={self.max_abs_known})"
