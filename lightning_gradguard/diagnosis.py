@@ -652,7 +652,7 @@ class HealthDetector:
         first = st.count == 0
         delta = x - st.mean
         new_mean = torch.where(first, x, st.mean + alpha * delta)
-        new_var = torch.where(first, torch.zeros_like(st.var), (1 - alpha) * (st.var + alpha * delta * delta))
+        new_var = torch.where(first, 0.0, (1 - alpha) * (st.var + alpha * delta * delta))
         st.mean = torch.where(finite, new_mean, st.mean)
         st.var = torch.where(finite, new_var, st.var)
         st.count = st.count + finite.float()
@@ -675,7 +675,7 @@ class HealthDetector:
         full = st.vanish_seen >= cfg.patience
         log_ratio = (st.deep_ring - st.shallow_ring).nanmedian()
         if cfg.vanish_ratio is not None:
-            vanishing = vanishing | (full & (log_ratio > math.log(cfg.vanish_ratio)))
+            vanishing = full & (log_ratio > math.log(cfg.vanish_ratio))
         if cfg.vanish_floor is not None:
             floor = math.log(cfg.vanish_floor)
             low = (st.shallow_ring.nanmedian() < floor) & (st.deep_ring.nanmedian() >= floor)

@@ -345,6 +345,7 @@ class AdaptiveClipper(GradGuardCallback):
     # ------------------------------------------------------------------ the step
 
     @override
+    @torch.no_grad()  # statistics only: no autograd bookkeeping on each small op
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

@@ -283,6 +283,7 @@ class AmpUnscaleCheck(GradGuardCallback):
         return original(optimizer, clip_val, **kwargs)
 
     @override
+    @torch.no_grad()  # statistics only: no autograd bookkeeping on each small op
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

@@ -244,6 +244,7 @@ class GradientNormLogger(GradGuardCallback):
     # ------------------------------------------------------------------ hooks
 
     @override
+    @torch.no_grad()  # statistics only: no autograd bookkeeping on each small op
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.hook != "on_after_backward" or not trainer.loggers:
             return
@@ -255,6 +256,7 @@ class GradientNormLogger(GradGuardCallback):
         self._log(trainer, pl_module, snap, None, "grad_norm_microbatch", step)
 
     @override
+    @torch.no_grad()  # statistics only: no autograd bookkeeping on each small op
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

@@ -429,6 +429,7 @@ class VanishExplodeAlarm(GradGuardCallback):
             self._window.note_loss(loss)
 
     @override
+    @torch.no_grad()  # statistics only: no autograd bookkeeping on each small op
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Under gradient accumulation, note after each micro-batch whether the accumulated
         # gradients are still finite (a device flag, no sync), so that a crash dump can hold
@@ -444,6 +445,7 @@ class VanishExplodeAlarm(GradGuardCallback):
     # ------------------------------------------------------------------ the check
 
     @override
+    @torch.no_grad()  # statistics only: no autograd bookkeeping on each small op
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
