@@ -320,12 +320,14 @@ _JOINS = ("AddBackward", "CatBackward")
 
 
 def _is_skip(join: Any) -> bool:
-    """Whether an addition/concatenation node adds something to a value it was computed from.
+    """Whether an addition/concatenation node adds a learned function of a value to that value.
 
     Its inputs (operations, not leaves) are ordered by forward position; one is a skip's
-    source when another input's graph reaches it. The search from the later input stops at
-    operations that ran before the earliest input (they cannot lead to it), so it covers
-    one block's operations, not the whole graph.
+    source when another input's graph reaches it through an operation that uses a
+    parameter (``x + f(x)`` with a layer in ``f``; plain arithmetic such as a hand-written
+    GELU's ``x + 0.044715 * x**3`` is no skip connection). The search from the later input
+    stops at operations that ran before the earliest input (they cannot lead to it), so it
+    covers one block's operations, not the whole graph.
     """
     inputs = sorted(
         {n for n, _ in join.next_functions if n is not None and getattr(n, "variable", None) is None},
@@ -337,14 +339,24 @@ def _is_skip(join: Any) -> bool:
     for later in inputs[1:]:
         seen: set[Any] = set()
         stack = [later]
+        reached = learned = False
         while stack:
             node = stack.pop()
             if node is source:
-                return True
+                reached = True
+                continue
             if node in seen or node._sequence_nr() < floor:
                 continue
             seen.add(node)
-            stack.extend(n for n, _ in node.next_functions if n is not None and getattr(n, "variable", None) is None)
+            for n, _ in node.next_functions:
+                if n is None:
+                    continue
+                if getattr(n, "variable", None) is not None:  # a parameter feeds this operation
+                    learned = True
+                else:
+                    stack.append(n)
+        if reached and learned:
+            return True
     return False
 
 
@@ -381,7 +393,7 @@ def record_forward_order(
         params.cache[_TRIED_KEY] = waiting | params.cache.get(_TRIED_KEY, frozenset())
     order = ForwardOrder.of(loss, params)
     if agree is not None:
-        order = ForwardOrder(tuple(agree(list(order.first_use))))
+        order = ForwardOrder(tuple(agree(list(order.first_use))), order.skips)
     if known is not None and order.first_use == known.first_use:
         return False
     params.cache[_FORWARD_ORDER_KEY] = order
@@ -874,7 +886,7 @@ def _uniform_bucket(
     dtypes = set(map(_DTYPE, present))
     if len(dtypes) != 1 or set(map(_LAYOUT, present)) != _STRIDED:
         return None
-    if device is None:
+    if device is None or present[0].device != device:  # no hint, or the model moved since the hint
         devices = set(map(_DEVICE, present))
         if len(devices) != 1 or 0 in map(Tensor.numel, present):
             return None
@@ -1589,7 +1601,7 @@ def take_snapshot(
     )
     stamp = _stamp(grads) if mx is None else None
     snap = GradSnapshot(params=params, norms=norms, max_abs=mx, has_grad=has_grad, scale=scale_t, stamp=stamp)  # type: ignore[arg-type]
-    if all(key[-1] for key in buckets):  # the layout of dense buckets, for a clipper (no tensor kept)
+    if not params.sharded and all(key[-1] for key in buckets):  # dense buckets' layout, for a clipper (no tensor kept)
         snap._layout = (
             stamp[0] if stamp is not None else tuple(map(id, grads)),
             {k: i for k, (_, i) in buckets.items()},

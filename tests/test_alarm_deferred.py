@@ -502,3 +502,18 @@ def test_the_latch_keeps_skipping_after_a_stop_kind_until_reset():
     held.reset()
     held.skip(opt, reading())
     assert float(opt.found_inf) == 0.0
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_a_non_finite_first_step_with_fused_sgd_momentum_leaves_clean_buffers(tmp_path, defer):
+    # the first step would create SGD's momentum buffers: it is decided on the host and its
+    # gradients dropped, so no unfilled buffer reaches the next step
+    fused_sgd = partial(torch.optim.SGD, momentum=0.9, fused=True)
+    model = RecordingMLP(optimizer_cls=fused_sgd, lr=0.01)
+    alarm = VanishExplodeAlarm(defer_host_read=defer, halt_on_nan=False)
+    with pytest.warns(UserWarning, match="nonfinite gradients at step 0"):
+        _fit(tmp_path, model, poisoned_loader(0), [alarm], max_steps=4)
+    assert alarm.skipped_steps == 1
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in model.parameters())
+    opt = model.trainer.optimizers[0]
+    assert all(torch.isfinite(opt.state[p]["momentum_buffer"]).all() for p in model.parameters())

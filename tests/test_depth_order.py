@@ -254,3 +254,33 @@ def test_the_loss_is_held_only_until_the_forward_order_is_known(tmp_path):
     assert logger._grouping(params).names == ("net.body.0", "net.body.2", "net.body.4", "net.head")
     assert model.held_at_step == [True, False, False, False]
     assert _session.session(trainer).last_loss is None  # nothing of ours keeps the last graph alive
+
+
+def test_the_skip_count_survives_an_agreed_order_and_plain_arithmetic_is_no_skip():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            x = self.layers[0](x)
+            for layer in self.layers[1:]:
+                x = x + torch.relu(layer(x))
+            return x.sum()
+
+    class HandGelu(nn.Module):  # x + 0.044715 * x**3 adds a function of x to x, with no layer between
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = 0.5 * h * (1 + torch.tanh(0.79788456 * (h + 0.044715 * h**3)))
+            return self.b(h).sum()
+
+    net = Residual()
+    params = ParamSet.from_module(net)
+    assert record_forward_order(params, net(torch.randn(2, 4)), agree=lambda ranks: ranks)
+    assert params.forward_order.skips == 2  # not reset by the agreed (broadcast) order
+    gelu = HandGelu()
+    assert ForwardOrder.of(gelu(torch.randn(2, 4)), ParamSet.from_module(gelu)).skips == 0

@@ -22,6 +22,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from test_adaptive_clipper import EventMLP, Probe, clip_scalars
 from test_clipper_defaults import _refusal_warnings, _shifted
 
+from lightning_gradguard.callbacks import _device_skip
 from lightning_gradguard.callbacks._device_skip import accepts_device_skip, skip_on_device
 from lightning_gradguard.callbacks.adaptive_clipper import AdaptiveClipper, _any_rank
 
@@ -218,7 +219,7 @@ def test_flags_are_ored_and_removed_after_the_step():
     assert optimizer.found_inf.item() == 1.0, "one true flag is enough"
     optimizer.step()
     assert _same(_state(optimizer, params), before)
-    assert "found_inf" not in optimizer.__dict__ and "_gradguard_found_inf" not in optimizer.__dict__
+    assert "found_inf" not in optimizer.__dict__ and _device_skip._PENDING not in optimizer.__dict__
 
     skip_on_device(optimizer, torch.tensor(False))
     skip_on_device(optimizer, torch.tensor(False))
@@ -382,3 +383,28 @@ def test_ddp_ranks_skip_the_same_step_on_the_device(tmp_path):
     assert ranks[0]["skipped"] == ranks[1]["skipped"] == [8]
     assert ranks[0]["count"] == ranks[1]["count"] == 1
     assert ranks[0]["weights"] == ranks[1]["weights"], "the weights diverged across ranks"
+
+
+def test_a_skipped_first_step_of_fused_sgd_with_momentum_leaves_no_unfilled_buffer():
+    # fused SGD creates missing momentum buffers with empty_like and fills them in the kernel:
+    # a step skipped through found_inf would keep them unfilled (garbage for the next step)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(4096))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True)
+    assert _device_skip.unborn_momentum(opt) == [p]
+    p.grad = torch.full((4096,), float("nan"))
+    skip_on_device(opt, torch.tensor(True), certain=True)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4096)) and "momentum_buffer" not in opt.state[p]
+    p.grad = torch.ones(4096)
+    opt.step()  # the first real step: buffer = grad, w = 1 - 0.1
+    assert torch.allclose(p.detach(), torch.full((4096,), 0.9))
+    assert not _device_skip.unborn_momentum(opt)
+
+
+def test_an_unknown_device_flag_waits_until_momentum_buffers_exist(tmp_path):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9, fused=True)
+    trainer = make_trainer(tmp_path, [], max_steps=1)
+    assert not accepts_device_skip(trainer, opt)  # the first step decides on the host
+    no_momentum = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, fused=True)
+    assert accepts_device_skip(trainer, no_momentum)

@@ -28,6 +28,7 @@ from lightning_gradguard.callbacks import _session
 
 #: the verdict for the coming step, and the marker of an optimizer that has our hooks
 _PENDING = "_gradguard_skip"
+_UNBORN = "_gradguard_unborn_momentum"
 _HOOKED = "_gradguard_skip_hooks"
 
 
@@ -36,22 +37,47 @@ def fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
+def unborn_momentum(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Parameters whose SGD momentum buffer the coming step would create.
+
+    torch's fused SGD makes a missing buffer with ``torch.empty_like`` and fills it in the
+    kernel; a step skipped through ``found_inf`` keeps the buffer, unfilled. Such a step
+    must not be skipped from an unknown device flag, and one skipped for certain has the
+    buffers it made removed afterwards (:func:`skip_on_device`), so that the next real step
+    makes them again.
+    """
+    return [
+        p
+        for group in optimizer.param_groups
+        if group.get("momentum", 0)
+        for p in group["params"]
+        if "momentum_buffer" not in optimizer.state.get(p, {})
+    ]
+
+
 def accepts_device_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
     """Whether a callback may decide ``optimizer``'s next step on the device, with no host read.
 
-    A fused optimizer outside an fp16 ``GradScaler``. Under one the callbacks keep their
+    A fused optimizer outside an fp16 ``GradScaler``, past the step that creates its
+    momentum buffers (see :func:`unborn_momentum`). Under a scaler the callbacks keep their
     host path, which is what they are tested with there (:func:`skip_on_device` itself
     works under a scaler: :func:`~lightning_gradguard.callbacks._session.drop_gradients`
     uses it for fused optimizers).
     """
-    return fused(optimizer) and _session.grad_scaler(trainer) is None
+    return fused(optimizer) and _session.grad_scaler(trainer) is None and not unborn_momentum(optimizer)
 
 
-def skip_on_device(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+def skip_on_device(optimizer: torch.optim.Optimizer, flag: Tensor, *, certain: bool = False) -> None:
     """Skip the coming ``optimizer.step()`` exactly when ``flag`` (a 0-dim tensor) is true.
 
     Only for :func:`fused` optimizers. The verdict never outlives the step it was set for.
+    ``certain``: the flag is known to be true on the host; the momentum buffers the skipped
+    step creates are then removed after it (:func:`unborn_momentum`).
     """
+    if certain:
+        unborn = unborn_momentum(optimizer)
+        if unborn:
+            setattr(optimizer, _UNBORN, unborn)
     flag = flag.detach().reshape(()).to(torch.float32)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None:
@@ -78,3 +104,5 @@ def _clear(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     flag = optimizer.__dict__.pop(_PENDING, None)
     if flag is not None and optimizer.__dict__.get("found_inf") is flag:
         del optimizer.found_inf  # type: ignore[attr-defined]
+    for p in optimizer.__dict__.pop(_UNBORN, ()):  # made by a skipped step, never filled
+        optimizer.state.get(p, {}).pop("momentum_buffer", None)

@@ -251,7 +251,7 @@ def check_strategy(strategy: Any, callback: str) -> None:
         )
 
 
-def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+def drop_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
     """Turn the coming ``optimizer.step()`` into a no-op by setting its gradients to ``None``.
 
     Called from ``on_before_optimizer_step``, which Lightning runs inside the optimizer's
@@ -260,16 +260,16 @@ def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
     so nothing of a bad gradient reaches the weights or the optimizer state. Under a
     ``GradScaler`` the scaler's own bookkeeping (``step``/``update``) goes on unchanged.
 
-    A fused optimizer is skipped through its ``found_inf`` instead
+    Under a ``GradScaler`` a fused optimizer is skipped through its ``found_inf`` instead
     (:func:`~lightning_gradguard.callbacks._device_skip.skip_on_device`): without
     gradients, ``GradScaler.step`` would record no overflow check for it and
     ``GradScaler.update`` would raise.
     """
     from lightning_gradguard.callbacks import _device_skip  # it imports this module
 
-    if _device_skip.fused(optimizer):
+    if _device_skip.fused(optimizer) and grad_scaler(trainer) is not None:
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
-        _device_skip.skip_on_device(optimizer, torch.ones((), device=device))
+        _device_skip.skip_on_device(optimizer, torch.ones((), device=device), certain=True)
         return
     for group in optimizer.param_groups:
         for p in group["params"]:

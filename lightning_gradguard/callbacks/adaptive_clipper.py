@@ -377,7 +377,7 @@ class AdaptiveClipper(GradGuardCallback):
             self._count_on_device(trainer, optimizer, state, step, result)
         else:
             if result.skipped:
-                _session.drop_gradients(optimizer)
+                _session.drop_gradients(trainer, optimizer)
                 state.skipped_steps += 1
             elif result.over_skip:
                 state.skips_refused += 1

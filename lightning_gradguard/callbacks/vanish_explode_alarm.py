@@ -452,7 +452,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         optimizer = _lightning.raw_optimizer(optimizer)
         self._flush()  # the previous step's deferred reading first: it may halt
         if self.halted_at is not None:  # stopping: no further update may happen
-            _session.drop_gradients(optimizer)
+            _session.drop_gradients(trainer, optimizer)
             return
         step = self._read(trainer, pl_module, optimizer)
         if step is not None:
@@ -523,7 +523,7 @@ class VanishExplodeAlarm(GradGuardCallback):
         strongest, findings = _decide(step, active, self.actions, self.record)
         if _STRENGTH[strongest] >= _STRENGTH["skip"]:
             if not step.deferred:  # a deferred step was skipped on the device already
-                _session.drop_gradients(step.optimizer)
+                _session.drop_gradients(step.trainer, step.optimizer)
             self.record.skipped_steps += 1
         note = self._halt(step, strongest, findings) if _STRENGTH[strongest] >= _STRENGTH["stop"] else ""
         self.record.findings.extend(findings)

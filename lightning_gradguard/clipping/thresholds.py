@@ -289,6 +289,7 @@ class LearnedThreshold:
                 )
             t.copy_(value.to(device=t.device, dtype=t.dtype))
         self.seen_at_least = int(torch.as_tensor(state["seen"]))
+        self._observed = self._next_read = 0  # re-count towards the next read from the restored count
 
 
 class PercentileThreshold(LearnedThreshold):
@@ -441,6 +442,7 @@ class ZScoreThreshold(LearnedThreshold):
                     raise ValueError(f"ZScoreThreshold state has no entry {name!r}; keys: {sorted(state)}.")
                 getattr(self, name).copy_(torch.as_tensor(state[name]).to(getattr(self, name)))
             self.seen_at_least = seen
+            self._observed = self._next_read = 0
             return
         super().load_state_dict(state)
 
