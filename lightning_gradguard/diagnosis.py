@@ -464,7 +464,7 @@ class HealthDetector:
         self.config = config if config is not None else DetectorConfig(**settings)
         self._state: DetectorState | None = None
         self._restored: dict[str, Tensor] = {}  # a checkpoint's tensors, taken over at the next update
-        self._present_cache: dict[Any, Any] = {}
+        self._cache: dict[Any, Any] = {}
         self._names: tuple[str, ...] | None = None  # the layers the per-layer state refers to
 
     # -------------------------------------------------------------- state
@@ -558,9 +558,9 @@ class HealthDetector:
     def _const(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(False, 1.0)`` as 0-dim tensors on ``device``, made once: flags and values that rules return unchanged."""
         key = ("const", device)
-        const = self._present_cache.get(key)
+        const = self._cache.get(key)
         if const is None:
-            const = self._present_cache[key] = (
+            const = self._cache[key] = (
                 torch.zeros((), dtype=torch.bool, device=device),
                 torch.ones((), device=device),
             )
@@ -685,9 +685,9 @@ class HealthDetector:
     def _dead(self, st: DetectorState, stats: GroupedStats, finite: Tensor) -> Tensor:
         """Whether a group that has gradients was all-zero for ``dead_patience`` finite steps in a row."""
         key = (stats.present, finite.device)
-        has = self._present_cache.get(key)
+        has = self._cache.get(key)
         if has is None:  # built once per layout: no host-to-device copy per step
-            has = self._present_cache[key] = torch.tensor(stats.present, dtype=torch.bool, device=finite.device)
+            has = self._cache[key] = torch.tensor(stats.present, dtype=torch.bool, device=finite.device)
         zero_now = (stats.norms == 0) & has  # a norm is 0 exactly when every element is
         dead_run = torch.where(zero_now, st.dead_run + 1, torch.zeros_like(st.dead_run))
         st.dead_run = torch.where(finite, dead_run, st.dead_run)
@@ -713,17 +713,17 @@ class HealthDetector:
         new = torch.where(finite, new, seg)
         st.unit_run = st.unit_run.index_copy(0, units.looked, new)
         # two looks at least: a unit looked at every k steps is not called dead on a single zero look
-        cached = self._present_cache.get(("need", id(units.every_all)))
+        cached = self._cache.get(("need", id(units.every_all)))
         if cached is None or cached[0] is not units.every_all:
             patience = float(self.config.dead_patience)
             need = torch.where(units.every_all > 1, (2 * units.every_all).clamp_min(patience), patience)
-            cached = self._present_cache[("need", id(units.every_all))] = (units.every_all, need)
+            cached = self._cache[("need", id(units.every_all))] = (units.every_all, need)
         need = cached[1]
         dead = (st.unit_run >= need).float()
         key = ("per_group", units.per_group, device)
-        per_group = self._present_cache.get(key)
+        per_group = self._cache.get(key)
         if per_group is None:
-            per_group = self._present_cache[key] = torch.tensor(units.per_group, dtype=torch.float32, device=device)
+            per_group = self._cache[key] = torch.tensor(units.per_group, dtype=torch.float32, device=device)
         counts = torch.zeros(len(units.per_group), dtype=torch.float32, device=device).index_add_(0, units.group, dead)
         self._unit_shares = counts / per_group.clamp_min(1)
         return (self._unit_shares >= share).any() & (per_group > 0).any()

@@ -740,7 +740,6 @@ def _bucket_norms(
         maxes = torch.stack(_lightning.foreach_max_abs(tensors))
         maxes = maxes if maxes.dtype == norms.dtype else maxes.to(norms.dtype)
         norms = _repair_range(norms, maxes, numel.to(device=device, dtype=norms.dtype))
-        norms = torch.where(torch.isfinite(maxes) & torch.isinf(norms), torch.full_like(norms, _F32_MAX), norms)
     if inv_scale is not None:
         norms = norms * inv_scale.to(device=norms.device, dtype=norms.dtype)
         maxes = maxes * inv_scale.to(device=maxes.device, dtype=maxes.dtype) if maxes is not None else None
@@ -773,9 +772,7 @@ def _cpu_norms(tensors: list[Tensor], numel: Tensor, floor: Tensor) -> Tensor:
         exact = torch.stack(_lightning.foreach_norm(again, 2.0, dtype=_wide_dtype(dtype)))
         return norms.to(exact.dtype).index_copy(0, picked, exact)
     maxes = torch.stack(_lightning.foreach_max_abs(again)).to(norms.dtype)
-    repaired = _repair_range(norms[picked], maxes, numel[picked].to(norms.dtype))
-    repaired = torch.where(torch.isfinite(maxes) & torch.isinf(repaired), torch.full_like(repaired, _F32_MAX), repaired)
-    return norms.index_copy(0, picked, repaired)
+    return norms.index_copy(0, picked, _repair_range(norms[picked], maxes, numel[picked].to(norms.dtype)))
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -789,13 +786,15 @@ def _repair_range(norms: Tensor, maxes: Tensor, numel: Tensor) -> Tensor:
     below ~1e-22 reads 0, one whose norm exceeds ~1.8e19 reads Inf, although max |x|
     (which squares nothing) is exact. In those cases the norm is replaced by the closest
     bound that needs no second pass: ``max|x|`` when it underflowed (a lower bound) and
-    ``max|x| * sqrt(numel)`` when it overflowed (an upper bound). Zero stays zero and
-    NaN/Inf elements keep their NaN/Inf.
+    ``max|x| * sqrt(numel)`` when it overflowed (an upper bound). A bound beyond float32's
+    range saturates at its largest finite value, so that Inf keeps meaning a non-finite
+    element. Zero stays zero and NaN/Inf elements keep their NaN/Inf.
     """
     underflow = (norms == 0) & (maxes > 0)
     overflow = torch.isinf(norms) & torch.isfinite(maxes)
     norms = torch.where(underflow, maxes, norms)
-    return torch.where(overflow, maxes * numel.sqrt(), norms)
+    norms = torch.where(overflow, maxes * numel.sqrt(), norms)
+    return torch.where(torch.isfinite(maxes) & torch.isinf(norms), torch.full_like(norms, _F32_MAX), norms)
 
 
 def stored_values(t: Tensor) -> Tensor:

@@ -40,22 +40,11 @@ DeferMode = Literal[True, False, "auto"]
 T = TypeVar("T")
 
 
-def checked_mode(value: Any) -> bool | str:
-    """``defer_host_read`` as given, if it is ``True``, ``False`` or ``"auto"``.
-
-    Raises:
-        ValueError: for anything else (``1``, ``"yes"``, ``None``), naming the argument.
-    """
-    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
-        return value
-    raise ValueError(f"`defer_host_read` must be True, False or 'auto', got {value!r}.")
-
-
 class DeferredReadings(Generic[T]):
     """One step's reading held for the next hook, and the device-side skip that cannot wait.
 
     Args:
-        mode: ``defer_host_read`` (checked by :func:`checked_mode`).
+        mode: ``defer_host_read``, checked (``True``, ``False`` or ``"auto"``).
         actions: the alarm's action per kind (``warn``, ``skip``, ``stop``, ``raise``; a
             ``nonfinite`` one is never ``warn``). The step of a kind that skips, stops or
             raises is skipped; once a kind that stops or raises fired, the latch skips every
@@ -77,7 +66,7 @@ class DeferredReadings(Generic[T]):
     """
 
     def __init__(self, mode: bool | str, actions: Mapping[str, str], *, crash_dump: bool = False) -> None:
-        self.mode = checked_mode(mode)
+        self.mode = mode
         self.skip_kinds = tuple(k for k, a in actions.items() if a in ("skip", "stop", "raise"))
         self.halt_kinds = tuple(k for k, a in actions.items() if a in ("stop", "raise"))
         # a crash dump written one step late needs max |g| of its own step, not of the gradients by then

@@ -29,6 +29,7 @@ from lightning_gradguard.callbacks import _session
 #: the verdict for the coming step, and the marker of an optimizer that has our hooks
 _PENDING = "_gradguard_skip"
 _UNBORN = "_gradguard_unborn_momentum"
+_BORN = "_gradguard_momentum_born"  # the parameter layout for which every momentum buffer exists
 _HOOKED = "_gradguard_skip_hooks"
 
 
@@ -44,15 +45,22 @@ def unborn_momentum(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     kernel; a step skipped through ``found_inf`` keeps the buffer, unfilled. Such a step
     must not be skipped from an unknown device flag, and one skipped for certain has the
     buffers it made removed afterwards (:func:`skip_on_device`), so that the next real step
-    makes them again.
+    makes them again. Once every buffer exists, that is remembered for the optimizer's
+    parameter layout: the per-parameter look runs again only when the layout changes.
     """
-    return [
+    layout = _session.optimizer_layout(optimizer)
+    if optimizer.__dict__.get(_BORN) == layout:
+        return []
+    unborn = [
         p
         for group in optimizer.param_groups
         if group.get("momentum", 0)
         for p in group["params"]
         if "momentum_buffer" not in optimizer.state.get(p, {})
     ]
+    if not unborn:
+        setattr(optimizer, _BORN, layout)
+    return unborn
 
 
 def accepts_device_skip(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
@@ -106,3 +114,4 @@ def _clear(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         del optimizer.found_inf  # type: ignore[attr-defined]
     for p in optimizer.__dict__.pop(_UNBORN, ()):  # made by a skipped step, never filled
         optimizer.state.get(p, {}).pop("momentum_buffer", None)
+        optimizer.__dict__.pop(_BORN, None)

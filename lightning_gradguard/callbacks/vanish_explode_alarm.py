@@ -341,7 +341,8 @@ class VanishExplodeAlarm(GradGuardCallback):
         self._summary_logged_at: int | None = None
         self._restored_detectors: dict[int, dict[str, Any]] = {}
         self._unit_turns: dict[int, int] = {}  # per optimizer, its steps: which turn of its weights to look at
-        self._deferred = DeferredReadings[_Step](defer_host_read, self.actions, crash_dump=self.crash_dump)
+        defer = _validation.choice("defer_host_read", defer_host_read, (True, False, "auto"))
+        self._deferred = DeferredReadings[_Step](defer, self.actions, crash_dump=self.crash_dump)
 
     defer_host_read = property(lambda self: self._deferred.mode, doc="``True``, ``False`` or ``'auto'``, as given.")
 
