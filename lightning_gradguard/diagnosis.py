@@ -41,10 +41,11 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard import _validation
+from lightning_gradguard import _arrays, _validation
 from lightning_gradguard.stats import GroupedStats, HostStats, UnitStats
 
 __all__ = [
@@ -379,7 +380,9 @@ class DeviceReading:
     """What :meth:`HealthDetector.update` returns: the fields of :class:`Reading` as 0-dim device tensors.
 
     The flags are bool tensors, the measurements floating point. Nothing here has left
-    the device; :meth:`to_host` is the step's one host copy.
+    the device; :meth:`to_host` is the step's one host copy. A reading computed on the
+    host (CPU statistics, see :mod:`lightning_gradguard._arrays`) carries its
+    :class:`Reading` already: :meth:`to_host` copies nothing then.
     """
 
     nonfinite: Tensor
@@ -391,15 +394,34 @@ class DeviceReading:
     ratio: Tensor
     total_norm: Tensor
     loss_scale: Tensor
+    _host: Reading | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def on_host(cls, values: Sequence[Any], total_norm: Tensor) -> DeviceReading:
+        """The reading of :class:`Reading`'s ``values`` computed on the host (numpy scalars), ``total_norm`` aside.
+
+        The fields are CPU tensors of the same float32/bool values, and the
+        :class:`Reading` is made at once, so that :meth:`to_host` costs nothing.
+        """
+        flags = [np.bool_(v) for v in values[: len(KINDS)]]
+        measures = [np.float32(v) for v in values[len(KINDS) :]]
+        host = Reading(*map(bool, flags), *map(float, measures))
+        tensors = [torch.from_numpy(np.asarray(v)) for v in (*flags, *measures)]
+        return cls(*tensors[:-2], total_norm, tensors[-1], _host=host)
 
     def to_host(self) -> Reading:
         """Copy every field to the host in one transfer."""
+        if self._host is not None:
+            return self._host
         return Reading.of(self.stacked().tolist())
 
     def stacked(self) -> Tensor:
         """Every field in one float vector on the device, in field order (what :meth:`Reading.of` reads)."""
-        tensors = [getattr(self, f.name) for f in fields(self)]
+        tensors = [getattr(self, name) for name in _READING_FIELDS]
         return torch.stack([t.float() if t.dtype == torch.bool else t for t in tensors])
+
+
+_READING_FIELDS = tuple(f.name for f in fields(Reading))
 
 
 # --------------------------------------------------------------------------------------
@@ -497,7 +519,7 @@ class HealthDetector:
     def dead_unit_shares(self) -> Tensor:
         """Per group, the share of its watched units dead for ``dead_patience`` steps (device float)."""
         shares = getattr(self, "_unit_shares", None)
-        return shares if shares is not None else torch.zeros(0)
+        return torch.as_tensor(shares) if shares is not None else torch.zeros(0)
 
     def dead_groups(self) -> Tensor:
         """Per group, whether it has been all-zero for ``dead_patience`` steps (device bool)."""
@@ -507,7 +529,7 @@ class HealthDetector:
 
     def overflow_run(self) -> Tensor:
         """fp16 overflow steps in a row so far (0-dim float32 device tensor)."""
-        return self._state.overflow_run if self._state is not None else torch.zeros(())
+        return self._state.overflow_run.clone() if self._state is not None else torch.zeros(())
 
     # -------------------------------------------------------------- the check
 
@@ -533,16 +555,22 @@ class HealthDetector:
         if self.config.dead_unit_share is None:
             units = None
         st = self._ensure_state(stats.grouping.names, units.num_units if units is not None else 0, device)
+        ops = _arrays.ops_for(device)  # numpy on the CPU, torch on a device: see _arrays
+        s = self._arrays(st, ops)
         finite = stats.all_finite  # from the norms: no max |g| pass needed
         if loss_finite is not None:
             finite = finite & loss_finite.to(device)
-        total = stats.total_norm
-        log_total = torch.log(total.clamp_min(1e-38))
-        nonfinite, overflow, scale = self._nonfinite(st, finite, scaler_active, loss_scale)
-        exploding, zscore = self._exploding(st, total, log_total, finite)
-        exploding = exploding | self._growing(st, stats, log_total, finite)
-        vanishing, ratio = self._vanishing(st, stats, finite)
-        dead = self._dead(st, stats, finite) | self._dead_units(st, stats, units, finite)
+        finite, total, norms = ops.array(finite), ops.array(stats.total_norm), ops.array(stats.norms)
+        with ops.quiet():
+            log_total = ops.log(ops.clamp_min(total, 1e-38))
+            nonfinite, overflow, scale = self._nonfinite(ops, s, finite, scaler_active, loss_scale, device)
+            exploding, zscore = self._exploding(ops, s, total, log_total, finite)
+            exploding = exploding | self._growing(ops, s, norms, log_total, finite)
+            vanishing, ratio = self._vanishing(ops, s, stats.present, norms, finite, device)
+            dead = self._dead(ops, s, stats.present, norms, finite, device) | self._dead_units(ops, s, units, finite)
+        if ops is not _arrays.DEVICE:
+            values = (nonfinite, exploding, vanishing, dead, overflow, zscore, ratio, total, scale)
+            return DeviceReading.on_host(values, stats.total_norm)
         return DeviceReading(
             nonfinite=nonfinite,
             exploding=exploding,
@@ -551,51 +579,68 @@ class HealthDetector:
             overflow=overflow,
             zscore=zscore,
             ratio=ratio,
-            total_norm=total,
+            total_norm=stats.total_norm,
             loss_scale=scale,
         )
 
-    def _const(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(False, 1.0)`` as 0-dim tensors on ``device``, made once: flags and values that rules return unchanged."""
-        key = ("const", device)
+    def _arrays(self, st: DetectorState, ops: _arrays.Ops) -> Any:
+        """The state as ``ops`` updates it: the state itself for torch, numpy views writing into it for numpy."""
+        if ops is _arrays.DEVICE:
+            self._cache.pop("view", None)  # the torch rules replace the tensors: views would go stale
+            return st
+        view = self._cache.get("view")
+        if view is None or view[0] is not st:
+            view = self._cache["view"] = (st, _arrays.InPlace(st.tensors()))
+        return view[1]
+
+    def _const(self, ops: _arrays.Ops, device: torch.device) -> tuple[Any, Any, Any]:
+        """``(False, 1.0, NaN)`` as 0-dim arrays, made once: flags and values that rules return unchanged."""
+        key = ("const", ops.name, device)
         const = self._cache.get(key)
         if const is None:
             const = self._cache[key] = (
-                torch.zeros((), dtype=torch.bool, device=device),
-                torch.ones((), device=device),
+                ops.constant(False, torch.bool, device),
+                ops.constant(1.0, torch.float32, device),
+                ops.constant(math.nan, torch.float32, device),
             )
         return const
 
     def _nonfinite(
-        self, st: DetectorState, finite: Tensor, scaler_active: bool, loss_scale: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self,
+        ops: _arrays.Ops,
+        s: Any,
+        finite: Any,
+        scaler_active: bool,
+        loss_scale: Tensor | None,
+        device: torch.device,
+    ) -> tuple[Any, Any, Any]:
         """``(nonfinite, overflow, loss scale)``: under a scaler a non-finite step is an overflow first."""
-        false, one = self._const(finite.device)
+        false, one, _ = self._const(ops, device)
         if not scaler_active:
             return ~finite, false, one
-        st.overflow_run = torch.where(finite, torch.zeros_like(st.overflow_run), st.overflow_run + 1)
-        scale = loss_scale.to(finite.device).float() if loss_scale is not None else one
+        s.overflow_run = ops.where(finite, 0.0, s.overflow_run + 1)
+        scale = ops.array(loss_scale.to(device).float()) if loss_scale is not None else one
         cfg = self.config
-        failing = (st.overflow_run >= cfg.max_consecutive_overflows) | (scale < cfg.min_loss_scale)
+        failing = (s.overflow_run >= cfg.max_consecutive_overflows) | (scale < cfg.min_loss_scale)
         return ~finite & failing, ~finite, scale
 
-    def _exploding(self, st: DetectorState, total: Tensor, log_total: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    def _exploding(self, ops: _arrays.Ops, s: Any, total: Any, log_total: Any, finite: Any) -> tuple[Any, Any]:
         """``(exploding, z-score)``: the ceiling, and a spike of log-norm against the moving mean/variance."""
         cfg = self.config
-        std = st.var.clamp_min(0.1).sqrt()
-        z = (log_total - st.mean) / std
-        armed = st.count >= cfg.warmup_steps
-        exploding = self._const(total.device)[0]
+        std = ops.sqrt(ops.clamp_min(s.var, 0.1))
+        z = (log_total - s.mean) / std
+        armed = s.count >= cfg.warmup_steps
+        exploding = False
         if cfg.spike_zscore is not None:
             exploding = armed & (z > cfg.spike_zscore)
             if cfg.spike_min_ratio is not None:
-                exploding = exploding & (log_total - st.mean >= math.log(cfg.spike_min_ratio))
+                exploding = exploding & (log_total - s.mean >= math.log(cfg.spike_min_ratio))
         if cfg.max_norm is not None:
             exploding = exploding | (total > cfg.max_norm)
-        self._learn_level(st, log_total, std, armed, finite)
-        return exploding & finite, torch.where(armed, z, math.nan)
+        self._learn_level(ops, s, log_total, std, armed, finite)
+        return finite & exploding, ops.where(armed, z, math.nan)
 
-    def _growing(self, st: DetectorState, stats: GroupedStats, log_total: Tensor, finite: Tensor) -> Tensor:
+    def _growing(self, ops: _arrays.Ops, s: Any, norms: Any, log_total: Any, finite: Any) -> Any:
         """Geometric growth: ``growth_total`` times the smallest of the last finite steps, rising now.
 
         The total norm is compared with the smallest of the last :data:`GROWTH_WINDOW`
@@ -605,29 +650,28 @@ class HealthDetector:
         per-group rings let a finding name the layers that grew (:meth:`layer_growth`).
         """
         cfg = self.config
-        log_groups = torch.log(stats.norms.clamp_min(1e-38))
-        slot = (st.growth_seen % GROWTH_WINDOW).long().view(1)
-        total_ring = torch.where(finite, st.total_ring.index_copy(0, slot, log_total.view(1)), st.total_ring)
-        group_ring = torch.where(finite, st.group_ring.index_copy(0, slot, log_groups.view(1, -1)), st.group_ring)
-        low, where = torch.where(total_ring.isnan(), math.inf, total_ring).min(0)
+        log_groups = ops.log(ops.clamp_min(norms, 1e-38))
+        slot = ops.slot(s.growth_seen, GROWTH_WINDOW)
+        ops.write_row(s, "total_ring", slot, log_total, finite)
+        ops.write_row(s, "group_ring", slot, log_groups, finite)
+        low, at = ops.argmin(ops.where(ops.isnan(s.total_ring), math.inf, s.total_ring))
         growth = log_total - low
-        self._layer_growth = log_groups - group_ring.index_select(0, where.view(1)).squeeze(0)  # not [where]: a read
-        rising = log_total - st.prev_log >= math.log(cfg.growth_step)  # False before the first finite step (NaN)
-        st.total_ring, st.group_ring = total_ring, group_ring
-        st.growth_seen = st.growth_seen + finite.float()
-        st.grow_log = torch.where(finite, growth, st.grow_log)
-        st.prev_log = torch.where(finite, log_total, st.prev_log)
+        self._layer_growth = log_groups - ops.row(s.group_ring, at)
+        rising = log_total - s.prev_log >= math.log(cfg.growth_step)  # False before the first finite step (NaN)
+        s.growth_seen = s.growth_seen + finite
+        s.grow_log = ops.where(finite, growth, s.grow_log)
+        s.prev_log = ops.where(finite, log_total, s.prev_log)
         if cfg.growth_total is None:
-            return self._const(finite.device)[0]
+            return False
         return finite & rising & (growth >= math.log(cfg.growth_total))
 
     def steps_seen(self) -> Tensor:
         """Finite steps seen so far (0-dim float32 device tensor)."""
-        return self._state.count if self._state is not None else torch.zeros(())
+        return self._state.count.clone() if self._state is not None else torch.zeros(())
 
     def growth(self) -> Tensor:
         """Log of the total norm over the smallest of the last finite steps, at the last finite one (0-dim device)."""
-        return self._state.grow_log if self._state is not None else torch.zeros(())
+        return self._state.grow_log.clone() if self._state is not None else torch.zeros(())
 
     def deep_shallow_ratio(self) -> Tensor:
         """The median deepest/shallowest norm ratio over the last ``patience`` finite steps (0-dim device).
@@ -642,58 +686,64 @@ class HealthDetector:
     def layer_growth(self) -> Tensor:
         """Per group, log of its norm at the last update over its norm at the window's smallest step (device)."""
         growth = getattr(self, "_layer_growth", None)
-        return growth if growth is not None else torch.zeros(0)
+        return torch.as_tensor(growth) if growth is not None else torch.zeros(0)
 
-    def _learn_level(self, st: DetectorState, log_total: Tensor, std: Tensor, armed: Tensor, finite: Tensor) -> None:
+    def _learn_level(self, ops: _arrays.Ops, s: Any, log_total: Any, std: Any, armed: Any, finite: Any) -> None:
         """Move the log-norm mean/variance with finite steps only, a spike capped at mean + ``spike_zscore`` std."""
         alpha = self.config.ema_alpha
-        cap = st.mean + (self.config.spike_zscore or math.inf) * std
-        x = torch.where(armed, torch.minimum(log_total, cap), log_total)
-        first = st.count == 0
-        delta = x - st.mean
-        new_mean = torch.where(first, x, st.mean + alpha * delta)
-        new_var = torch.where(first, 0.0, (1 - alpha) * (st.var + alpha * delta * delta))
-        st.mean = torch.where(finite, new_mean, st.mean)
-        st.var = torch.where(finite, new_var, st.var)
-        st.count = st.count + finite.float()
+        cap = s.mean + (self.config.spike_zscore or math.inf) * std
+        x = ops.where(armed, ops.minimum(log_total, cap), log_total)
+        first = s.count == 0
+        delta = x - s.mean
+        new_mean = ops.where(first, x, s.mean + alpha * delta)
+        new_var = ops.where(first, 0.0, (1 - alpha) * (s.var + alpha * delta * delta))
+        s.mean = ops.where(finite, new_mean, s.mean)
+        s.var = ops.where(finite, new_var, s.var)
+        s.count = s.count + finite
 
-    def _vanishing(self, st: DetectorState, stats: GroupedStats, finite: Tensor) -> tuple[Tensor, Tensor]:
+    def _vanishing(
+        self, ops: _arrays.Ops, s: Any, present: tuple[bool, ...], norms: Any, finite: Any, device: torch.device
+    ) -> tuple[Any, Any]:
         """``(vanishing, ratio)``: medians over a window of the deepest and shallowest layers with a gradient."""
-        cfg, device = self.config, finite.device
-        present = [i for i, p in enumerate(stats.present) if p]
-        vanishing = self._const(device)[0]
-        if len(present) < 2:
-            return vanishing, torch.full((), math.nan, device=device)
-        log_shallow = torch.log(stats.norms[present[0]].clamp_min(1e-38))
-        log_deep = torch.log(stats.norms[present[-1]].clamp_min(1e-38))
-        slot = (st.vanish_seen % cfg.patience).long().view(1)
-        shallow_ring = st.shallow_ring.index_copy(0, slot, log_shallow.view(1))
-        deep_ring = st.deep_ring.index_copy(0, slot, log_deep.view(1))
-        st.shallow_ring = torch.where(finite, shallow_ring, st.shallow_ring)
-        st.deep_ring = torch.where(finite, deep_ring, st.deep_ring)
-        st.vanish_seen = st.vanish_seen + finite.float()
-        full = st.vanish_seen >= cfg.patience
-        log_ratio = (st.deep_ring - st.shallow_ring).nanmedian()
+        cfg = self.config
+        ends = self._cache.get(("ends", present))
+        if ends is None:  # the first and last groups with a gradient, once per layout
+            with_grad = [i for i, p in enumerate(present) if p]
+            ends = self._cache[("ends", present)] = (with_grad[0], with_grad[-1]) if len(with_grad) > 1 else None
+        if ends is None:
+            false, _, nan = self._const(ops, device)
+            return false, nan
+        log_shallow = ops.log(ops.clamp_min(norms[ends[0]], 1e-38))
+        log_deep = ops.log(ops.clamp_min(norms[ends[1]], 1e-38))
+        slot = ops.slot(s.vanish_seen, cfg.patience)
+        ops.write_row(s, "shallow_ring", slot, log_shallow, finite)
+        ops.write_row(s, "deep_ring", slot, log_deep, finite)
+        s.vanish_seen = s.vanish_seen + finite
+        full = s.vanish_seen >= cfg.patience
+        log_ratio = ops.nanmedian(s.deep_ring - s.shallow_ring)
+        vanishing = self._const(ops, device)[0]
         if cfg.vanish_ratio is not None:
             vanishing = full & (log_ratio > math.log(cfg.vanish_ratio))
         if cfg.vanish_floor is not None:
             floor = math.log(cfg.vanish_floor)
-            low = (st.shallow_ring.nanmedian() < floor) & (st.deep_ring.nanmedian() >= floor)
+            low = (ops.nanmedian(s.shallow_ring) < floor) & (ops.nanmedian(s.deep_ring) >= floor)
             vanishing = vanishing | (full & low)
-        return vanishing, torch.exp(log_ratio)
+        return vanishing, ops.exp(log_ratio)
 
-    def _dead(self, st: DetectorState, stats: GroupedStats, finite: Tensor) -> Tensor:
+    def _dead(
+        self, ops: _arrays.Ops, s: Any, present: tuple[bool, ...], norms: Any, finite: Any, device: torch.device
+    ) -> Any:
         """Whether a group that has gradients was all-zero for ``dead_patience`` finite steps in a row."""
-        key = (stats.present, finite.device)
+        key = ("present", ops.name, present, device)
         has = self._cache.get(key)
         if has is None:  # built once per layout: no host-to-device copy per step
-            has = self._cache[key] = torch.tensor(stats.present, dtype=torch.bool, device=finite.device)
-        zero_now = (stats.norms == 0) & has  # a norm is 0 exactly when every element is
-        dead_run = torch.where(zero_now, st.dead_run + 1, torch.zeros_like(st.dead_run))
-        st.dead_run = torch.where(finite, dead_run, st.dead_run)
-        return (st.dead_run >= self.config.dead_patience).any()
+            has = self._cache[key] = ops.constant(present, torch.bool, device)
+        zero_now = (norms == 0) & has  # a norm is 0 exactly when every element is
+        dead_run = ops.where(zero_now, s.dead_run + 1, 0.0)
+        s.dead_run = ops.where(finite, dead_run, s.dead_run)
+        return (s.dead_run >= self.config.dead_patience).any()
 
-    def _dead_units(self, st: DetectorState, stats: GroupedStats, units: UnitStats | None, finite: Tensor) -> Tensor:
+    def _dead_units(self, ops: _arrays.Ops, s: Any, units: UnitStats | None, finite: Any) -> Any:
         """Whether some layer has ``dead_unit_share`` of its units zero for ``dead_patience`` finite steps in a row.
 
         A unit's run grows on a step where its gradient is zero while its layer's is not,
@@ -706,27 +756,26 @@ class HealthDetector:
         self._unit_shares = None
         share = self.config.dead_unit_share
         if units is None or share is None or not units.num_units:
-            return self._const(finite.device)[0]
-        device = finite.device
-        seg = st.unit_run.index_select(0, units.looked)
-        new = torch.where(units.zero, seg + units.every, torch.where(units.nonzero, 0.0, seg))
-        new = torch.where(finite, new, seg)
-        st.unit_run = st.unit_run.index_copy(0, units.looked, new)
-        # two looks at least: a unit looked at every k steps is not called dead on a single zero look
-        cached = self._cache.get(("need", id(units.every_all)))
+            return False
+        a = ops.array
+        looked = a(units.looked)
+        seg = ops.take(s.unit_run, looked)
+        new = ops.where(a(units.zero), seg + a(units.every), ops.where(a(units.nonzero), 0.0, seg))
+        ops.write_at(s, "unit_run", looked, new, finite)
+        # two looks at least: a unit looked at every k steps is not called dead on a single zero look;
+        # built once per layout (``every_all`` is made once per layout, see UnitStats.take)
+        key = ("layout", ops.name, id(units.every_all))
+        cached = self._cache.get(key)
         if cached is None or cached[0] is not units.every_all:
             patience = float(self.config.dead_patience)
-            need = torch.where(units.every_all > 1, (2 * units.every_all).clamp_min(patience), patience)
-            cached = self._cache[("need", id(units.every_all))] = (units.every_all, need)
-        need = cached[1]
-        dead = (st.unit_run >= need).float()
-        key = ("per_group", units.per_group, device)
-        per_group = self._cache.get(key)
-        if per_group is None:
-            per_group = self._cache[key] = torch.tensor(units.per_group, dtype=torch.float32, device=device)
-        counts = torch.zeros(len(units.per_group), dtype=torch.float32, device=device).index_add_(0, units.group, dead)
-        self._unit_shares = counts / per_group.clamp_min(1)
-        return (self._unit_shares >= share).any() & (per_group > 0).any()
+            every_all = a(units.every_all)
+            need = ops.where(every_all > 1, ops.clamp_min(2 * every_all, patience), patience)
+            per_group = ops.constant(units.per_group, torch.float32, units.every_all.device)
+            cached = self._cache[key] = (units.every_all, need, ops.clamp_min(per_group, 1), (per_group > 0).any())
+        _, need, per_group, any_units = cached
+        dead = ops.f32(s.unit_run >= need)
+        self._unit_shares = ops.add_at(a(units.group), dead, len(units.per_group)) / per_group
+        return (self._unit_shares >= share).any() & any_units
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_gradguard import _arrays
 from lightning_gradguard.diagnosis import (
     KINDS,
     DetectorConfig,
@@ -30,6 +31,14 @@ from lightning_gradguard.stats import (
 )
 
 GROUPING = Grouping(names=("first", "last"), index=(0, 1), members=(("first.w",), ("last.w",)))
+BACKENDS = {"numpy": _arrays.HOST, "torch": _arrays.DEVICE}
+
+
+@pytest.fixture(autouse=True, params=list(BACKENDS))
+def backend(request):
+    """Every test here runs the rules twice: in numpy (what CPU statistics use) and in torch (devices)."""
+    with _arrays.forced(BACKENDS[request.param]):
+        yield request.param
 
 
 def _stats(first: float, last: float) -> GroupedStats:
@@ -167,17 +176,102 @@ def test_a_saved_state_of_another_shape_starts_afresh_where_it_does_not_fit():
     assert state["count"] == 4.0 and state["dead_run"] == [0.0, 0.0]
 
 
-def test_reading_comes_to_the_host_in_one_transfer(monkeypatch):
+def test_reading_comes_to_the_host_in_one_transfer(monkeypatch, backend):
     d = HealthDetector(patience=2)
     reading = d.update(_stats(1.0, 2.0))
     assert all(isinstance(getattr(reading, k), torch.Tensor) and getattr(reading, k).dim() == 0 for k in KINDS)
+    assert [getattr(reading, k).dtype for k in KINDS] == [torch.bool] * len(KINDS)
+    assert reading.stacked().dtype == torch.float32 and len(reading.stacked()) == 9
     calls = []
     tolist, item = torch.Tensor.tolist, torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append("tolist") or tolist(t))
     monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or item(t))
     host = reading.to_host()
-    assert calls == ["tolist"]
+    # computed on the host, the reading is there already; on a device, one copy
+    assert calls == ([] if backend == "numpy" else ["tolist"])
     assert host.active == () and host.total_norm == pytest.approx(math.sqrt(5.0)) and host.loss_scale == 1.0
+    assert repr(host) == repr(Reading.of(reading.stacked().tolist()))  # NaN z-score: compared as text
+
+
+def _random_steps(seed: int, steps: int, groups: int, units: int):
+    """Per step: group norms (with NaN/Inf, zeros, spikes, slow vanishing), loss finiteness and unit zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        norms = torch.rand(groups, generator=gen) * 10.0 ** torch.randint(-3, 3, (1,), generator=gen).item()
+        norms[0] *= 10.0 ** (-step / 10)  # the shallow layer fades: the vanishing rule fires at some point
+        pick = torch.rand(4, generator=gen).tolist()
+        if pick[0] < 0.05:
+            norms[int(pick[1] * groups)] = math.nan if pick[1] < 0.5 else math.inf
+        elif pick[0] < 0.1:
+            norms *= 1e4  # a spike
+        if step // 15 % 2:  # stretches where one layer has no gradient at all
+            norms[groups // 2] = 0.0
+        zero = torch.rand(units, generator=gen) < (0.9 if step > 20 else 0.2)
+        yield norms, pick[2] > 0.05, zero, torch.tensor(2.0 ** int(8 - step // 7))
+
+
+def test_numpy_and_torch_rules_agree_step_by_step():
+    """The two backends run the same rules: same flags every step, same state to float32 rounding."""
+    groups, per_group = 5, (4, 0, 6, 3, 3)
+    grouping = Grouping(
+        names=tuple(f"g{i}" for i in range(groups)),
+        index=tuple(range(groups)),
+        members=tuple((f"g{i}.w",) for i in range(groups)),
+    )
+    num_units = sum(per_group)
+    unit_group = torch.tensor([g for g, n in enumerate(per_group) for _ in range(n)])
+    for scaler in (False, True):
+        detectors = {name: HealthDetector(patience=6, warmup_steps=5, dead_patience=4) for name in BACKENDS}
+        for norms, loss_ok, zero, scale in _random_steps(seed=int(scaler), steps=90, groups=groups, units=num_units):
+            present = (True,) * groups  # zero norms: gradients that are exactly zero (the dead rule)
+            stats = GroupedStats(grouping=grouping, norms=norms, max_abs=norms, present=present)
+            looked = torch.arange(0, num_units, 2 if len(present) % 2 else 1)
+            units = UnitStats(
+                zero=zero[looked],
+                nonzero=~zero[looked],
+                looked=looked,
+                every=torch.ones(len(looked)),
+                every_all=torch.ones(num_units),
+                group=unit_group,
+                per_group=per_group,
+            )
+            readings = {}
+            for name, ops in BACKENDS.items():
+                with _arrays.forced(ops):
+                    readings[name] = (
+                        detectors[name]
+                        .update(
+                            stats,
+                            loss_finite=torch.tensor(loss_ok),
+                            scaler_active=scaler,
+                            loss_scale=scale if scaler else None,
+                            units=units,
+                        )
+                        .to_host()
+                    )
+            a, b = readings["numpy"], readings["torch"]
+            assert a.active == b.active
+            for field in ("zscore", "ratio", "total_norm", "loss_scale"):
+                assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-5, nan_ok=True), field
+            assert detectors["numpy"].dead_unit_shares().tolist() == detectors["torch"].dead_unit_shares().tolist()
+            ga, gb = detectors["numpy"].layer_growth(), detectors["torch"].layer_growth()
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5, equal_nan=True)
+        sa, sb = (detectors[name].state_dict() for name in BACKENDS)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(
+                torch.tensor(sa[key]), torch.tensor(sb[key]), rtol=1e-5, atol=1e-5, equal_nan=True
+            )
+    # the random steps exercise every rule: not a comparison of two idle detectors
+    kinds = set()
+    with _arrays.forced(_arrays.HOST):
+        d = HealthDetector(patience=6, warmup_steps=5, dead_patience=4)
+        for norms, _, _, _ in _random_steps(seed=0, steps=90, groups=groups, units=num_units):
+            present = (True,) * groups  # zero norms: gradients that are exactly zero (the dead rule)
+            kinds.update(
+                d.update(GroupedStats(grouping=grouping, norms=norms, max_abs=norms, present=present)).to_host().active
+            )
+    assert kinds >= {"nonfinite", "exploding", "vanishing", "dead"}
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@ The reads are counted on the CPU by :class:`~test_clipping.HostSyncCounter` plus
 patched ``Tensor.tolist`` (which copies without dispatching an op), as in
 ``test_adaptive_clipper.Probe``. A copy with ``.cpu()`` is a no-op on the CPU and is not
 seen here (only the logger's optional histograms make one, on logging steps). The runs
-are healthy: a step with a flag up may cost the alarm more.
+are healthy: a step with a flag up may cost the alarm more. The running statistics are
+computed in torch, as on a device (on the CPU they run in numpy on views of the same
+memory, see :mod:`lightning_gradguard._arrays`, which reads nothing from a device).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from helpers import RecordingMLP, fp16_cpu_plugin, loader, make_trainer
 from test_clipping import HostSyncCounter
 
-from lightning_gradguard import AdaptiveClipper, AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm
+from lightning_gradguard import AdaptiveClipper, AmpUnscaleCheck, GradientNormLogger, VanishExplodeAlarm, _arrays
 from lightning_gradguard.callbacks._base import GradGuardCallback
 
 #: the hooks Lightning calls on every training batch, in order
@@ -169,7 +171,8 @@ def measure(row: Row, root: Path) -> Measured:
     model = RecordingMLP(optimizer_cls=OPTIMIZERS[row.optimizer], lr=0.01)
     plugins = [fp16_cpu_plugin()] if row.fp16 else []
     trainer = make_trainer(root, [callback], max_steps=STEPS, log_every_n_steps=LOG_EVERY, plugins=plugins)
-    trainer.fit(model, loader())
+    with _arrays.forced(_arrays.DEVICE):  # what a device would run
+        trainer.fit(model, loader())
     assert tally.batch == STEPS - 1
     return tally.result(skip_first=row.first is not None)
 
