@@ -400,14 +400,23 @@ class DeviceReading:
     def on_host(cls, values: Sequence[Any], total_norm: Tensor) -> DeviceReading:
         """The reading of :class:`Reading`'s ``values`` computed on the host (numpy scalars), ``total_norm`` aside.
 
-        The fields are CPU tensors of the same float32/bool values, and the
-        :class:`Reading` is made at once, so that :meth:`to_host` costs nothing.
+        Its :class:`Reading` is made at once, so that :meth:`to_host` costs nothing; the
+        tensor fields (bool, float32 CPU tensors of the same values) are made when first
+        read, which a caller that only wants the host reading never does.
         """
-        flags = [np.bool_(v) for v in values[: len(KINDS)]]
-        measures = [np.float32(v) for v in values[len(KINDS) :]]
-        host = Reading(*map(bool, flags), *map(float, measures))
-        tensors = [torch.from_numpy(np.asarray(v)) for v in (*flags, *measures)]
-        return cls(*tensors[:-2], total_norm, tensors[-1], _host=host)
+        flags, measures = values[: len(KINDS)], values[len(KINDS) :]
+        reading = object.__new__(cls)
+        object.__setattr__(reading, "_host", Reading(*map(bool, flags), *(float(np.float32(m)) for m in measures)))
+        object.__setattr__(reading, "total_norm", total_norm)
+        return reading
+
+    def __getattr__(self, name: str) -> Tensor:
+        """A field of a reading made :meth:`on_host`, as a tensor, when it is first read."""
+        if self._host is None or name not in _READING_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = torch.tensor(getattr(self._host, name), dtype=torch.bool if name in KINDS else torch.float32)
+        object.__setattr__(self, name, value)
+        return value
 
     def to_host(self) -> Reading:
         """Copy every field to the host in one transfer."""

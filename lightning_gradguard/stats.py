@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard import _lightning, _validation
+from lightning_gradguard import _arrays, _lightning, _validation
 
 try:  # torch.distributed may be absent from some builds
     import torch.distributed as dist
@@ -761,9 +762,9 @@ def _cpu_norms(tensors: list[Tensor], numel: Tensor, floor: Tensor) -> Tensor:
     """
     dtype = tensors[0].dtype
     norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
-    numel, floor = numel.to(norms.device), floor.to(norms.device)
-    # the flags are a CPU tensor's memory, viewed through numpy: no copy, nothing to wait for
-    which = (torch.isinf(norms) | (norms <= floor)).numpy().nonzero()[0]
+    # the norms are a CPU tensor's memory, viewed through numpy: no copy, nothing to wait for
+    values = norms.numpy()
+    which = np.flatnonzero((values <= floor.numpy()) | (values == math.inf))
     if not len(which):
         return norms
     picked = torch.from_numpy(which)
@@ -938,12 +939,11 @@ def _combine_shards(
     """Per-tensor norms (and maxima, if given) of sharded tensors combined over their ranks (:func:`tensor_stats`)."""
     n = len(norms)
     # Every rank must issue the same collectives in the same order, including ranks that
-    # hold no local gradient for some key: take the keys from the parameter list.
-    seen: list[tuple[Any, ...]] = []
-    for rkey in reduce_keys:
-        if rkey and rkey not in seen:
-            seen.append(rkey)
-    for rkey in seen:
+    # hold no local gradient for some key: take the keys from the parameter list (once per list).
+    known = cache.get(("shard keys", id(reduce_keys)))
+    if known is None or known[0] is not reduce_keys:
+        known = cache[("shard keys", id(reduce_keys))] = (reduce_keys, list(dict.fromkeys(k for k in reduce_keys if k)))
+    for rkey in known[1]:
         mask = cache.get(("mask", rkey, device))
         if mask is None:
             mask = cache[("mask", rkey, device)] = torch.tensor([k == rkey for k in reduce_keys], device=device)
@@ -1140,6 +1140,20 @@ def _saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(values < math.inf, values.clamp(max=top), values).to(dtype)
 
 
+def _on_host(norms: Tensor) -> bool:
+    """Whether ``norms`` are float32 CPU values: combined in numpy, on a view of their memory.
+
+    The same float64 sums in a few numpy calls, each a fraction of a torch dispatch: on
+    the CPU there is no device for torch to keep the work on (see :mod:`lightning_gradguard._arrays`).
+    """
+    return norms.dtype == torch.float32 and _arrays.ops_for(norms.device) is _arrays.HOST
+
+
+def _host_saturated(values: np.ndarray) -> Tensor:
+    """:func:`_saturate` of float64 numpy ``values`` to float32, as a CPU tensor."""
+    return torch.from_numpy(np.where(values < math.inf, np.minimum(values, _F32_MAX), values).astype(np.float32))
+
+
 def reduce_norms(norms: Tensor, index: Tensor, size: int) -> Tensor:
     """Combine L2 norms into ``size`` group norms: ``sqrt(sum of squares)`` per group.
 
@@ -1154,6 +1168,10 @@ def reduce_norms(norms: Tensor, index: Tensor, size: int) -> Tensor:
         index: group of each item, shape ``(N,)``, values in ``[0, size)``.
         size: number of groups.
     """
+    if _on_host(norms):
+        squares = norms.numpy().astype(np.float64)
+        squares *= squares
+        return _host_saturated(np.sqrt(np.bincount(index.numpy(), weights=squares, minlength=size)))
     if _wide_sum(norms):
         sums = torch.zeros(size, dtype=torch.float64, device=norms.device).index_add_(0, index, norms.double().square())
         return _saturate(sums.sqrt(), norms.dtype)
@@ -1492,7 +1510,11 @@ class GradSnapshot:
 
     def _totals(self) -> None:
         """The total norm and finiteness together: a float64 sum of squares is Inf/NaN exactly when a norm is."""
-        if _wide_sum(self.norms):
+        if _on_host(self.norms):
+            wide = self.norms.numpy().astype(np.float64)
+            wide = np.sqrt(wide @ wide)
+            self._total, self._finite = _host_saturated(wide), torch.from_numpy(np.asarray(wide < math.inf))
+        elif _wide_sum(self.norms):
             wide = self.norms.double().square().sum().sqrt()
             self._total, self._finite = _saturate(wide, self.norms.dtype), wide < math.inf
         else:
@@ -1834,6 +1856,10 @@ def _zero_and_nonzero(
 ) -> tuple[Tensor, Tensor]:
     """:func:`unit_activity`'s flags from the per-unit non-zero flags of ``weights``."""
     which = layout.row_weights(device, weights)
+    if _arrays.ops_for(device) is _arrays.HOST:  # numpy on views: a few calls at a fraction of a torch dispatch each
+        rows, flags = which.numpy(), nonzero.numpy()
+        alive = np.bincount(rows, weights=flags, minlength=len(weights)) > 0
+        return torch.from_numpy(~flags & alive[rows]), nonzero
     alive = torch.zeros(len(weights), dtype=torch.bool, device=device).scatter_reduce_(
         0, which, nonzero, reduce="amax", include_self=True
     )
