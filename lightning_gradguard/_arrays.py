@@ -40,6 +40,7 @@ class Ops:
     exp = staticmethod(torch.exp)
     sqrt = staticmethod(torch.sqrt)
     isnan = staticmethod(torch.isnan)
+    isfinite = staticmethod(torch.isfinite)
     minimum = staticmethod(torch.minimum)
 
     @staticmethod
@@ -47,9 +48,18 @@ class Ops:
         return x.clamp_min(low)
 
     @staticmethod
+    def clamp_max(x: Any, high: float) -> Any:
+        return x.clamp_max(high)
+
+    @staticmethod
     def array(t: Tensor) -> Any:
         """A tensor as this backend's value (torch: the tensor itself)."""
         return t
+
+    @staticmethod
+    def as_tensor(x: Any, dtype: torch.dtype) -> Tensor:
+        """A 0-dim value of this backend as a 0-dim tensor of ``dtype`` (torch: itself)."""
+        return x
 
     @staticmethod
     def constant(values: Sequence[Any] | float, dtype: torch.dtype, device: torch.device) -> Any:
@@ -58,7 +68,7 @@ class Ops:
 
     @staticmethod
     def f32(x: Any) -> Any:
-        """Flags as float32."""
+        """``x`` (flags, counts) as float32."""
         return x.float()
 
     @staticmethod
@@ -141,6 +151,7 @@ class _Numpy(Ops):
     exp = _scalar_math(np.exp, math.exp, lambda x: math.inf)
     sqrt = _scalar_math(np.sqrt, math.sqrt, lambda x: math.nan)
     isnan = staticmethod(np.isnan)
+    isfinite = staticmethod(np.isfinite)  # np.bool_ for a scalar too: never a Python bool
 
     @staticmethod
     def where(condition: Any, a: Any, b: Any) -> Any:
@@ -158,12 +169,22 @@ class _Numpy(Ops):
     def clamp_min(x: Any, low: float) -> Any:
         if isinstance(x, np.ndarray):
             return np.maximum(x, low)
-        return x if x >= low or x != x else low
+        return x if x >= low or x != x else _like(x, low)
+
+    @staticmethod
+    def clamp_max(x: Any, high: float) -> Any:
+        if isinstance(x, np.ndarray):
+            return np.minimum(x, high)
+        return x if x <= high or x != x else _like(x, high)
 
     @staticmethod
     def array(t: Tensor) -> Any:
         view = t.numpy()
         return view[()] if not view.ndim else view
+
+    @staticmethod
+    def as_tensor(x: Any, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(x, dtype=dtype)
 
     @staticmethod
     def constant(values: Sequence[Any] | float, dtype: torch.dtype, device: torch.device) -> Any:
@@ -215,6 +236,11 @@ class _Numpy(Ops):
         return np.errstate(all="ignore")
 
 
+def _like(x: Any, value: float) -> Any:
+    """``value`` in the type of the numpy scalar ``x`` (float32 stays float32), or as it is."""
+    return x.dtype.type(value) if isinstance(x, np.generic) else value
+
+
 #: the backend of device tensors, and of CPU tensors
 DEVICE: Ops = Ops()
 HOST: Ops = _Numpy()
@@ -231,12 +257,13 @@ def ops_for(device: torch.device) -> Ops:
 
 
 class InPlace:
-    """Named tensors seen through numpy: reading gives their values, assigning writes into the tensor.
+    """Named tensors as ``ops`` computes with them: assigning a name writes into its tensor.
 
-    What lets the numpy backend keep a state object's tensors (checkpoints, accessors,
-    other devices see tensors) while updating them at numpy's cost: ``view.mean = x``
-    copies ``x`` into the tensor ``mean``'s memory. A 0-dim tensor reads as a numpy
-    scalar (a copy), a vector as a view of its memory.
+    What lets rules update a state object's tensors in place (checkpoints, accessors,
+    references held elsewhere keep seeing the same tensors) under either backend:
+    ``view.mean = x`` copies ``x`` into the tensor ``mean``. Under numpy a 0-dim tensor
+    reads as a numpy scalar (a copy) and a vector as a view of its memory; under torch
+    reading gives the tensor and assigning is ``copy_``.
 
     Example:
         >>> t = torch.zeros(2)
@@ -248,10 +275,11 @@ class InPlace:
 
     __slots__ = ("_scalars", "_views")
 
-    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
-        views = {name: t.numpy() for name, t in tensors.items()}
+    def __init__(self, tensors: Mapping[str, Tensor], ops: Ops | None = None) -> None:
+        on_host = (ops or HOST) is not DEVICE
+        views = {name: t.numpy() if on_host else t for name, t in tensors.items()}
         object.__setattr__(self, "_views", views)
-        object.__setattr__(self, "_scalars", {name for name, v in views.items() if not v.ndim})
+        object.__setattr__(self, "_scalars", {name for name, v in views.items() if on_host and not v.ndim})
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -261,7 +289,11 @@ class InPlace:
         return view[()] if name in self._scalars else view
 
     def __setattr__(self, name: str, value: Any) -> None:
-        self._views[name][...] = value
+        view = self._views[name]
+        if isinstance(view, Tensor):
+            view.copy_(value)
+        else:
+            view[...] = value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._views)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_gradguard import _arrays
 from lightning_gradguard.clipping import (
     PercentileThreshold,
     UnitwiseClip,
@@ -630,3 +631,30 @@ def test_reads_of_the_start_count_double_their_spacing_while_steps_are_rejected(
             reads.append(step)
     assert reads == [3, 7, 15, 31]  # 4, 8, 16, 32 observations; seen reaches 4 at observation 24
     assert rule.seen_at_least >= 4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_zscore_rule_and_coefficient_agree_in_numpy_and_torch(seed):
+    """On the CPU the steady z-score update and the coefficient run in numpy: the same float32 numbers as torch."""
+    gen = torch.Generator().manual_seed(seed)
+    rules = {}
+    for name, backend in (("numpy", _arrays.HOST), ("torch", _arrays.DEVICE)):
+        with _arrays.forced(backend):
+            rule = rules[name] = ZScoreThreshold(z_threshold=2.0, warmup_steps=3, min_norm=0.01, max_norm=50.0)
+            coefs = []
+            for step in range(120):
+                norm = torch.rand((), generator=gen) * 10.0 ** torch.randint(-3, 3, (), generator=gen)
+                if step % 17 == 5:
+                    norm = torch.tensor([math.nan, math.inf, 0.0][step % 3])
+                threshold = rule.threshold()
+                coefs.append(clip_coefficient(norm, threshold))
+                rule.observe(norm, torch.tensor(step % 11 != 3))
+            rules[name] = (rule, torch.stack(coefs))
+        gen = torch.Generator().manual_seed(seed)  # the same norms for the other backend
+    (a, coef_a), (b, coef_b) = rules["numpy"], rules["torch"]
+    assert a.seen_at_least >= a.start_size  # the steady update ran
+    assert coef_a.dtype == coef_b.dtype == torch.float32 and (coef_a < 1).any() and (coef_a == 1).any()
+    assert torch.equal(coef_a, coef_b)
+    for key in ("seen", "mean", "var"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert a.seen.dtype == torch.int64 and a.mean.dtype == torch.float32

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard import _lightning
+from lightning_gradguard import _arrays, _lightning
 from lightning_gradguard.stats import bucket
 
 __all__ = ["clip_by_norm_", "clip_by_value_", "clip_coefficient", "coalesce_sparse_grads_", "scale_"]
@@ -50,14 +50,18 @@ def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
         >>> clip_coefficient(torch.tensor(float("nan")), 2.5)
         tensor(1.)
     """
-    norm = norm.to(torch.float32)
+    ops = _arrays.ops_for(norm.device)  # on the CPU: numpy scalars, a fraction of a torch dispatch each
+    norm = ops.array(norm.to(torch.float32))
     if isinstance(threshold, Tensor):
-        threshold = threshold.to(device=norm.device, dtype=torch.float32)
-    ratio = threshold / norm.clamp_min(torch.finfo(torch.float32).tiny)  # a float stays a scalar: no copy
-    coef = ratio.clamp(max=1.0)
+        threshold = ops.array(threshold.to(device=norm.device if ops is _arrays.DEVICE else "cpu", dtype=torch.float32))
+    ratio = threshold / ops.clamp_min(norm, _TINY)  # a float stays a scalar: no copy
+    coef = ops.clamp_max(ratio, 1.0)
     # comparisons with NaN are false: a NaN norm or coefficient keeps 1, and so do 0 and inf
     keep = (norm > 0) & (norm < math.inf) & (coef == coef)
-    return torch.where(keep, coef, 1.0)
+    return ops.as_tensor(ops.where(keep, coef, 1.0), torch.float32)
+
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _sparse_elements(t: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
-from lightning_gradguard import _validation
+from lightning_gradguard import _arrays, _validation
 
 __all__ = [
     "Bounds",
@@ -467,19 +467,12 @@ class ZScoreThreshold(LearnedThreshold):
 
     def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32)
-        ok = accept.to(self.device) & torch.isfinite(norm)
         if self.seen_at_least >= self.start_size:  # known on the host: the start is over
-            x = torch.minimum(norm, self.bound() if bound is None else bound)
-            weight = (self.seen + 1).to(torch.float32).reciprocal().clamp(min=1.0 - self.ema_decay)
-            d = x - self.mean
-            mean = self.mean + weight * d
-            var = (1.0 - weight) * (self.var + weight * d * d)
-            ok = ok & torch.isfinite(mean) & torch.isfinite(var)
-            self.mean.copy_(torch.where(ok, mean, self.mean))
-            self.var.copy_(torch.where(ok, var, self.var))
-            self.seen.add_(ok.to(torch.int64))
+            self._update(norm, accept.to(self.device), self.bound() if bound is None else bound)
             return
+        ok = accept.to(self.device) & torch.isfinite(norm)
         starting = self.seen < self.start_size
+        # (the start-up is in torch: a few dozen steps of a run)
         # 1. start: keep the norm; when the start is complete, initialise from median / MAD
         pos = self.seen.clamp(max=self.start_size - 1).view(1)
         start = self.start.scatter(
@@ -501,6 +494,25 @@ class ZScoreThreshold(LearnedThreshold):
         self.var.copy_(torch.where(ok, var, self.var))
         self.seen.add_(ok.to(torch.int64))
         self._refresh_seen()
+
+    def _update(self, norm: Tensor, accept: Tensor, bound: Tensor) -> None:
+        """Rule 3 after the start: the winsorized norm into the moving mean and variance.
+
+        Written against :mod:`lightning_gradguard._arrays`: numpy scalars on the CPU, torch on a device.
+        """
+        ops = _arrays.ops_for(self.device)
+        s = _arrays.InPlace({"seen": self.seen, "mean": self.mean, "var": self.var}, ops)
+        norm, bound = ops.array(norm), ops.array(bound.to(self.device))
+        ok = ops.array(accept) & ops.isfinite(norm)
+        x = ops.minimum(norm, bound)
+        weight = ops.clamp_min(1.0 / ops.f32(s.seen + 1), 1.0 - self.ema_decay)
+        d = x - s.mean
+        mean = s.mean + weight * d
+        var = (1.0 - weight) * (s.var + weight * d * d)
+        ok = ok & ops.isfinite(mean) & ops.isfinite(var)
+        s.mean = ops.where(ok, mean, s.mean)
+        s.var = ops.where(ok, var, s.var)
+        s.seen = s.seen + ok
 
 
 def _reads_free(t: Tensor) -> bool:
