@@ -84,6 +84,27 @@ class GradGuardCallback(Callback):
         self.log_every_n_steps = _validation.integer("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.layers = layers or Layers()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith("_"):  # a public setting may be part of the state key: make it again when read
+            self.__dict__.pop("_state_key", None)
+        super().__setattr__(name, value)
+
+    @property
+    def state_key(self) -> str:
+        """The class and every setting of :meth:`_key_settings`: two callbacks that differ fit in one checkpoint.
+
+        Lightning reads it at every hook call (for its profiler's labels), so it is made once
+        and again only after a public attribute was assigned.
+        """
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(**self._key_settings())
+        return key
+
+    def _key_settings(self) -> dict[str, Any]:
+        """The settings that tell two callbacks of this class apart (see :attr:`state_key`)."""
+        return {}
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "on_before_backward" in cls.__dict__:

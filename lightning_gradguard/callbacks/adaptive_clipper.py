@@ -271,10 +271,9 @@ class AdaptiveClipper(GradGuardCallback):
     def needs_max_abs(self) -> bool:
         return self.mode == "value"  # the value bound is judged on max |g|
 
-    @property
-    def state_key(self) -> str:
+    def _key_settings(self) -> dict[str, Any]:
         """Every setting, so that two clippers that differ in anything fit in one checkpoint."""
-        return self._generate_state_key(mode=self.mode, log_every_n_steps=self.log_every_n_steps, **self._mode.settings)
+        return dict(mode=self.mode, log_every_n_steps=self.log_every_n_steps, **self._mode.settings)
 
     @override
     def on_load_checkpoint(

@@ -208,11 +208,9 @@ class AmpUnscaleCheck(GradGuardCallback):
         self._overflows: _Overflows | None = None
         self._zero_baseline: dict[str, tuple[float, float]] = {}  # group -> (lowest zero fraction, scale then)
 
-    @property
-    @override
-    def state_key(self) -> str:
+    def _key_settings(self) -> dict[str, Any]:
         """Every setting, so that two checks that differ in anything fit in one checkpoint."""
-        return self._generate_state_key(
+        return dict(
             log_every_n_steps=self.log_every_n_steps,
             min_loss_scale=self.min_loss_scale,
             max_skip_rate=self.max_skip_rate,

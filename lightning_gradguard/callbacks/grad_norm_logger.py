@@ -204,11 +204,9 @@ class GradientNormLogger(GradGuardCallback):
     def needs_max_abs(self) -> bool:
         return self.log_max_abs
 
-    @property
-    @override
-    def state_key(self) -> str:
+    def _key_settings(self) -> dict[str, Any]:
         """The settings that tell two loggers apart, so that several fit in one checkpoint."""
-        return self._generate_state_key(
+        return dict(
             hook=self.hook,
             log_every_n_steps=self.log_every_n_steps,
             group_by=self.group_by,

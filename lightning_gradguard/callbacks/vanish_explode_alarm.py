@@ -360,14 +360,13 @@ class VanishExplodeAlarm(GradGuardCallback):
         """The detector settings as keywords (``asdict(alarm.config)``)."""
         return asdict(self.config)
 
-    @property
-    def state_key(self) -> str:
+    def _key_settings(self) -> dict[str, Any]:
         """Every setting of the saved state, so that two alarms that differ in one fit in one checkpoint.
 
         Not ``defer_host_read``: it changes when the host reads, not what is saved (the held
         reading is acted on before ``state_dict``), so a checkpoint moves between the modes.
         """
-        return self._generate_state_key(
+        return dict(
             actions=tuple(sorted(self.actions.items())),
             **asdict(self.config),
             episode_gap=self.episode_gap,
