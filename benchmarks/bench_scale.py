@@ -3,20 +3,22 @@
 The model is made of ``tensors / 2`` independent ``nn.Linear(16, 16)`` layers whose outputs
 are summed (so nothing vanishes with depth), trained with AdamW on random data: with
 layers this small the per-tensor overhead dominates, which is what grows with model size
-in tensor count. For each size, one ``Trainer.fit`` per condition:
+in tensor count. The conditions:
 
 * ``clip_grad_norm``: a callback calling ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` in
   ``on_before_optimizer_step`` (what ``gradient_clip_val=1.0`` runs); the baseline.
 * ``defaults``: ``GradientNormLogger()``, ``VanishExplodeAlarm()``, ``AdaptiveClipper()`` and
   ``AmpUnscaleCheck()`` at their defaults (``Trainer(log_every_n_steps=50)``).
 * ``logger_every_step``: ``GradientNormLogger(log_every_n_steps=1)`` writing to a real
-  ``TensorBoardLogger`` on every step.
+  ``TensorBoardLogger`` on every one of its steps.
 
 The figure is the time spent inside the condition's callback hooks per optimizer step
 (every hook method of those callbacks is wrapped with a timer), median over the measured
-steps. Conditions run in the order ``A B C`` then ``C B A`` (``--repeats``), and the
-medians pool both, so a drift of the machine's speed during the run hits every condition
-alike; ratios are against ``clip_grad_norm`` measured in the same run.
+steps. This machine's speed drifts by +-20% from one fit to the next, so for each size
+all conditions run inside one ``Trainer.fit``, interleaved step by step: step ``k``
+belongs to condition ``k mod 3``, and a condition's callbacks do nothing on the other
+steps (each sees every third step). A drift hits every condition alike; ratios are
+against ``clip_grad_norm`` in the same fit. ``--repeats`` runs more fits and pools them.
 
 On CUDA (``--device cuda``) the hook time is also measured on the device with CUDA events
 around each hook, and ``--count-syncs`` counts the host-device synchronisations the hooks
@@ -25,7 +27,7 @@ is nothing to count.
 
 Usage::
 
-    python benchmarks/bench_scale.py                        # 128, 1024, 4096 tensors, ~3 min on 2 cores
+    python benchmarks/bench_scale.py                        # 128, 1024, 4096 tensors, ~2 min on 2 cores
     python benchmarks/bench_scale.py --tensors 128 --steps 30   # a quick look
     python benchmarks/bench_scale.py --device cuda --count-syncs --json scale.json
 """
@@ -88,7 +90,7 @@ class ClipGradNorm(Callback):
 
 
 class HookClock:
-    """Sums the time spent in the wrapped hooks during each training step."""
+    """Sums the time spent in one condition's hooks during each of its training steps."""
 
     def __init__(self, device: torch.device, count_syncs: bool) -> None:
         self.cuda = device.type == "cuda"
@@ -98,14 +100,17 @@ class HookClock:
         self.events: list[tuple[Any, Any]] = []
         self.steps: list[dict[str, float]] = []
 
-    def wrap(self, callback: Callback) -> None:
+    def wrap(self, callback: Callback, active: Callable[[], bool]) -> None:
+        """Time ``callback``'s per-step hooks; they run only while ``active()`` (its condition's steps)."""
         for name in STEP_HOOKS:
             if getattr(type(callback), name) is getattr(Callback, name):
                 continue  # not implemented: Lightning's no-op
-            setattr(callback, name, self._timed(getattr(callback, name)))
+            setattr(callback, name, self._timed(getattr(callback, name), active))
 
-    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+    def _timed(self, hook: Callable[..., Any], active: Callable[[], bool]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if not active():
+                return None
             if self.count_syncs:
                 return self._counting(hook, *args, **kwargs)
             if self.cuda:
@@ -141,14 +146,29 @@ class HookClock:
         self.host_ms, self.syncs, self.events = 0.0, 0, []
 
 
+class Rotation(Callback):
+    """The first callback: picks each step's condition (round-robin) and closes its account at the end."""
+
+    def __init__(self, clocks: dict[str, HookClock]) -> None:
+        self.clocks = clocks
+        self.order = tuple(clocks)
+        self.current = self.order[0]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.current = self.order[trainer.global_step % len(self.order)]
+
+    def close(self) -> None:
+        self.clocks[self.current].step_done()
+
+
 class StepBoundary(Callback):
     """The last callback: closes the step's account."""
 
-    def __init__(self, clock: HookClock) -> None:
-        self.clock = clock
+    def __init__(self, rotation: Rotation) -> None:
+        self.rotation = rotation
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self.clock.step_done()
+        self.rotation.close()
 
 
 def condition_callbacks(condition: str) -> list[Callback]:
@@ -161,23 +181,26 @@ def condition_callbacks(condition: str) -> list[Callback]:
     raise ValueError(f"unknown condition {condition!r}")
 
 
-def run_condition(condition: str, tensors: int, args: argparse.Namespace, log_root: Path) -> dict[str, Any]:
-    """One ``Trainer.fit``; returns the per-step hook times after warm-up and the logged tag count."""
+def run_size(tensors: int, args: argparse.Namespace, log_root: Path) -> dict[str, dict[str, Any]]:
+    """One ``Trainer.fit`` with every condition interleaved; per condition, its hook times after warm-up."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = ManySmallLayers(tensors // 2)
     data = torch.utils.data.TensorDataset(torch.randn(args.batch * 4, 16), torch.randn(args.batch * 4, 16))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch)
-    clock = HookClock(device, count_syncs=args.count_syncs)
-    callbacks = condition_callbacks(condition)
-    for cb in callbacks:
-        clock.wrap(cb)
-    logger = TensorBoardLogger(log_root, name=f"{condition}_{tensors}")
+    clocks = {c: HookClock(device, count_syncs=args.count_syncs) for c in CONDITIONS}
+    rotation = Rotation(clocks)
+    callbacks: list[Callback] = [rotation]
+    for condition in CONDITIONS:
+        for cb in condition_callbacks(condition):
+            clocks[condition].wrap(cb, lambda c=condition: rotation.current == c)
+            callbacks.append(cb)
+    logger = TensorBoardLogger(log_root, name=f"scale_{tensors}")
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        max_steps=args.warmup + args.steps,
-        callbacks=[*callbacks, StepBoundary(clock)],
+        max_steps=(args.warmup + args.steps) * len(CONDITIONS),
+        callbacks=[*callbacks, StepBoundary(rotation)],
         logger=logger,
         log_every_n_steps=50,
         enable_checkpointing=False,
@@ -185,33 +208,36 @@ def run_condition(condition: str, tensors: int, args: argparse.Namespace, log_ro
         enable_model_summary=False,
     )
     trainer.fit(model, loader)
-    measured = clock.steps[args.warmup :]
-    out: dict[str, Any] = {
-        "host_ms": statistics.median(s["host_ms"] for s in measured),
-        "syncs_per_step": statistics.mean(s["syncs"] for s in measured),
-        "host_ms_all": [s["host_ms"] for s in measured],
-    }
-    if measured and "device_ms" in measured[0]:
-        out["device_ms"] = statistics.median(s["device_ms"] for s in measured)
-    if condition == "logger_every_step":
-        out["tags"] = count_scalar_tags(Path(logger.log_dir))
+    out: dict[str, dict[str, Any]] = {}
+    for condition, clock in clocks.items():
+        measured = clock.steps[args.warmup :]
+        out[condition] = {
+            "host_ms_all": [s["host_ms"] for s in measured],
+            "syncs_per_step": statistics.mean(s["syncs"] for s in measured),
+        }
+        if measured and "device_ms" in measured[0]:
+            out[condition]["device_ms_all"] = [s["device_ms"] for s in measured]
+    # the tags of one of the every-step logger's steps (no other condition writes at its steps)
+    own_step = (args.warmup + 1) * len(CONDITIONS) + CONDITIONS.index("logger_every_step")
+    out["logger_every_step"]["tags"] = count_scalar_tags(Path(logger.log_dir), own_step)
     return out
 
 
-def count_scalar_tags(log_dir: Path) -> int:
+def count_scalar_tags(log_dir: Path, step: int) -> int:
+    """How many scalar tags have a value at ``step`` in the event files of ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 1})
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    return len(acc.Tags()["scalars"])
+    return sum(any(e.step == step for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensors", type=int, nargs="+", default=[128, 1024, 4096], help="gradient tensors")
-    parser.add_argument("--steps", type=int, default=60, help="measured steps per condition and repeat")
-    parser.add_argument("--warmup", type=int, default=10, help="steps dropped first in each fit")
-    parser.add_argument("--repeats", type=int, default=2, help="passes over the conditions (order reversed each)")
+    parser.add_argument("--steps", type=int, default=120, help="measured steps per condition and fit")
+    parser.add_argument("--warmup", type=int, default=10, help="steps per condition dropped first in each fit")
+    parser.add_argument("--repeats", type=int, default=1, help="fits per size (pooled)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--count-syncs", action="store_true", help="CUDA only: count syncs (an untimed pass)")
@@ -235,21 +261,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for tensors in args.tensors:
-            pooled: dict[str, list[float]] = {c: [] for c in CONDITIONS}
-            extra: dict[str, dict[str, Any]] = {c: {} for c in CONDITIONS}
+            pooled: dict[str, dict[str, Any]] = {c: {"host_ms_all": [], "device_ms_all": []} for c in CONDITIONS}
             for rep in range(args.repeats):
-                order = CONDITIONS if rep % 2 == 0 else tuple(reversed(CONDITIONS))
-                for condition in order:
-                    res = run_condition(condition, tensors, args, Path(tmp) / f"rep{rep}")
-                    pooled[condition].extend(res.pop("host_ms_all"))
-                    extra[condition] = res
-                    print(
-                        f"  {tensors} tensors, {condition}: {res['host_ms']:.2f} ms "
-                        f"({time.perf_counter() - started:.0f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-            row = {c: {**extra[c], "host_ms": statistics.median(pooled[c])} for c in CONDITIONS}
+                for condition, res in run_size(tensors, args, Path(tmp) / f"rep{rep}").items():
+                    pooled[condition]["host_ms_all"] += res.pop("host_ms_all")
+                    pooled[condition]["device_ms_all"] += res.pop("device_ms_all", [])
+                    pooled[condition].update(res)
+                print(
+                    f"  {tensors} tensors, fit {rep + 1}/{args.repeats} ({time.perf_counter() - started:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            row: dict[str, dict[str, Any]] = {}
+            for c in CONDITIONS:
+                times, device_times = pooled[c].pop("host_ms_all"), pooled[c].pop("device_ms_all")
+                row[c] = {**pooled[c], "host_ms": statistics.median(times)}
+                if device_times:
+                    row[c]["device_ms"] = statistics.median(device_times)
             base = row["clip_grad_norm"]["host_ms"]
             for c in CONDITIONS:
                 row[c]["ratio"] = row[c]["host_ms"] / base
