@@ -128,9 +128,9 @@ def _scalar_math(
         if isinstance(x, np.ndarray):
             return vector(x)
         try:
-            return scalar(x)
+            return _like(x, scalar(x))  # float32 in, float32 out
         except (ValueError, OverflowError):
-            return outside(x)
+            return _like(x, outside(x))
 
     return staticmethod(apply)
 

@@ -1149,8 +1149,11 @@ def _on_host(norms: Tensor) -> bool:
     return norms.dtype == torch.float32 and _arrays.ops_for(norms.device) is _arrays.HOST
 
 
-def _host_saturated(values: np.ndarray) -> Tensor:
-    """:func:`_saturate` of float64 numpy ``values`` to float32, as a CPU tensor."""
+def _host_saturated(values: np.ndarray | np.float64) -> Tensor:
+    """:func:`_saturate` of float64 numpy ``values`` (or one value) to float32, as a CPU tensor."""
+    if not np.ndim(values):
+        value = float(values)
+        return torch.tensor(_F32_MAX if _F32_MAX < value < math.inf else value, dtype=torch.float32)
     return torch.from_numpy(np.where(values < math.inf, np.minimum(values, _F32_MAX), values).astype(np.float32))
 
 

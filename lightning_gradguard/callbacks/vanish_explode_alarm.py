@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard import _lightning, _validation
+from lightning_gradguard import _arrays, _lightning, _validation
 from lightning_gradguard.callbacks import _session
 from lightning_gradguard.callbacks._alarm_report import AlarmRecord, MicroBatch, write_crash_dump
 from lightning_gradguard.callbacks._base import GradGuardCallback, Layers
@@ -132,8 +133,12 @@ class _Window:
         self.batches.clear()
 
     def note_loss(self, loss: Tensor) -> None:
-        """Whether the current micro-batch's loss is finite (a device flag, no sync)."""
-        self.batches[-1].loss_finite = torch.isfinite(loss.detach()).all()
+        """Whether the current micro-batch's loss is finite (a device flag, no sync; on the CPU read at once)."""
+        loss = loss.detach()
+        if loss.dim() == 0 and _arrays.ops_for(loss.device) is _arrays.HOST:  # nothing to wait for: one read
+            self.batches[-1].loss_finite = torch.tensor(math.isfinite(loss.item()))
+        else:  # isfinite is several kernels; all() makes a 0-dim flag of any loss
+            self.batches[-1].loss_finite = torch.isfinite(loss).all()
 
     def note_gradients(self, finite: Tensor) -> None:
         """Whether the accumulated gradients are still finite after the current micro-batch."""

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_gradguard import _validation
+from lightning_gradguard import _arrays, _validation
 from lightning_gradguard.clipping.agc import UnitwiseClip
 from lightning_gradguard.clipping.ops import clip_by_value_, clip_coefficient, coalesce_sparse_grads_, scale_
 from lightning_gradguard.clipping.thresholds import (
@@ -395,9 +395,11 @@ class _LearnedMode(ClipMode):
         same decision is taken on the device (:meth:`_skip_on_device`).
         """
         rule = self.rule(step.index, step.pre.device)
-        bound = rule.bound()
-        threshold = rule.cap(bound)
+        ops = _arrays.ops_for(step.pre.device)  # the rule's arithmetic: numpy scalars on the CPU
+        bound = rule.bound_in(ops)
+        threshold = rule.cap_in(ops, bound)
         coef = clip_coefficient(step.pre, threshold)
+        bound, threshold = ops.as_tensor(bound, torch.float32), ops.as_tensor(threshold, torch.float32)
         s = self.settings
         over: bool | None = False
         if s["skip_factor"] is not None:

@@ -203,29 +203,47 @@ class LearnedThreshold:
         median of the norms seen so far (``inf`` before the first, or without
         ``warmup_factor``), floored at ``min_norm``. ``skip_factor`` is judged against it.
         """
-        value = self.raw()
+        ops = _arrays.ops_for(self.device)
+        return ops.as_tensor(self.bound_in(ops), torch.float32)
+
+    def threshold(self) -> Tensor:
+        """The threshold in force for the next step (0-dim float32 device tensor)."""
+        ops = _arrays.ops_for(self.device)
+        return ops.as_tensor(self.cap_in(ops, self.bound_in(ops)), torch.float32)
+
+    def cap(self, bound: Tensor) -> Tensor:
+        """:meth:`bound` under the fixed ceilings: ``max_norm``, and ``warmup_max_norm`` during warm-up."""
+        ops = _arrays.ops_for(self.device)
+        return ops.as_tensor(self.cap_in(ops, ops.array(bound.to(self.device))), torch.float32)
+
+    # The same three in the terms of an ``_arrays`` backend (a numpy scalar on the CPU),
+    # for a caller that goes on computing with them. The warm-up's few dozen steps and a
+    # rule without a host form (:meth:`_raw_in`) stay in torch.
+
+    def bound_in(self, ops: _arrays.Ops) -> Any:
+        """:meth:`bound` as ``ops`` computes."""
         if self.warmup_steps and self.seen_at_least < self.warmup_steps:
+            value = self.raw()
             early = torch.full_like(value, math.inf)
             if self.warmup_factor is not None and self.warmup_factor != math.inf:
                 median = self.early()  # a median of 0 (gradients exactly zero so far) bounds nothing
                 early = torch.where(median > 0, median * self.warmup_factor, early)
-            value = torch.where(self.in_warmup(), early, value)
-        if self.min_norm is not None:
-            value = value.clamp(min=self.min_norm)
-        return value
+            value = ops.array(torch.where(self.in_warmup(), early, value))
+        else:
+            value = self._raw_in(ops)
+        return value if self.min_norm is None else ops.clamp_min(value, self.min_norm)
 
-    def threshold(self) -> Tensor:
-        """The threshold in force for the next step (0-dim float32 device tensor)."""
-        return self.cap(self.bound())
-
-    def cap(self, bound: Tensor) -> Tensor:
-        """:meth:`bound` under the fixed ceilings: ``max_norm``, and ``warmup_max_norm`` during warm-up."""
-        value = bound
-        if self.max_norm is not None:
-            value = value.clamp(max=self.max_norm)
+    def cap_in(self, ops: _arrays.Ops, bound: Any) -> Any:
+        """:meth:`cap` of a :meth:`bound_in` value, as ``ops`` computes."""
+        value = bound if self.max_norm is None else ops.clamp_max(bound, self.max_norm)
         if self.warmup_steps and self.warmup_max_norm is not None and self.seen_at_least < self.warmup_steps:
-            value = torch.where(self.in_warmup(), value.clamp(max=self.warmup_max_norm), value)
+            t = ops.as_tensor(value, torch.float32)
+            value = ops.array(torch.where(self.in_warmup(), t.clamp(max=self.warmup_max_norm), t))
         return value
+
+    def _raw_in(self, ops: _arrays.Ops) -> Any:
+        """:meth:`raw` as ``ops`` computes (by default from the tensor)."""
+        return ops.array(self.raw())
 
     def note_seen(self, seen: int) -> None:
         """Tell the rule the value of :attr:`seen`, read on the host anyway (e.g. when logging).
@@ -460,15 +478,25 @@ class ZScoreThreshold(LearnedThreshold):
         return filled_percentile(self.start, self.seen.clamp(max=self.start_size), 50.0)
 
     def raw(self) -> Tensor:
-        value = self.mean + self.z_threshold * self.var.sqrt()
+        value = self._statistic(_arrays.DEVICE)
         if self.seen_at_least >= self.start_size:  # known on the host: the start is over
             return value
         return torch.where(self.seen >= self.start_size, value, torch.full_like(value, math.inf))
 
+    def _raw_in(self, ops: _arrays.Ops) -> Any:
+        if self.seen_at_least >= self.start_size:
+            return self._statistic(ops)
+        return ops.array(self.raw())
+
+    def _statistic(self, ops: _arrays.Ops) -> Any:
+        """``mean + z_threshold * sqrt(var)``, as ``ops`` computes."""
+        return ops.array(self.mean) + self.z_threshold * ops.sqrt(ops.array(self.var))
+
     def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32)
         if self.seen_at_least >= self.start_size:  # known on the host: the start is over
-            self._update(norm, accept.to(self.device), self.bound() if bound is None else bound)
+            ops = _arrays.ops_for(self.device)
+            self._update(norm, accept.to(self.device), self.bound_in(ops) if bound is None else bound)
             return
         ok = accept.to(self.device) & torch.isfinite(norm)
         starting = self.seen < self.start_size
@@ -502,7 +530,8 @@ class ZScoreThreshold(LearnedThreshold):
         """
         ops = _arrays.ops_for(self.device)
         s = _arrays.InPlace({"seen": self.seen, "mean": self.mean, "var": self.var}, ops)
-        norm, bound = ops.array(norm), ops.array(bound.to(self.device))
+        norm = ops.array(norm)
+        bound = ops.array(bound.to(self.device)) if isinstance(bound, Tensor) else bound  # or a bound_in value
         ok = ops.array(accept) & ops.isfinite(norm)
         x = ops.minimum(norm, bound)
         weight = ops.clamp_min(1.0 / ops.f32(s.seen + 1), 1.0 - self.ema_decay)
