@@ -3,18 +3,24 @@
 The detector's and the clipper's running statistics are a few dozen scalars and short
 vectors updated every step. On an accelerator they stay in torch, on the device, so
 that no step waits for the host. On the CPU there is no device to wait for, and each
-torch operation on a 0-dim tensor costs 1-3 µs of dispatch, where numpy does the same
-arithmetic on a view of the same memory in 0.3-0.8 µs: with about 150 such operations
-a step, that is most of the callbacks' own time on small models.
+torch operation on a 0-dim tensor costs 1-3 µs of dispatch, where numpy scalar
+arithmetic on the same values costs tens of nanoseconds and a small-array operation
+well under a microsecond: with about 150 such operations a step, the dispatch was most
+of the callbacks' own time on small models.
 
 The rules are written once, against :class:`Ops`. Python operators (``+ - * / % < & |
-~``) work on both kinds of array; what differs (``where``, ``log``, a NaN-ignoring
-median, index reads and writes) is here. Both backends compute in the arrays' own
-dtype (float32 state), so a rule gives the same flags on either; ``log``/``exp`` may
-differ in the last bit.
+~``) work on both kinds of value; what differs (``where``, ``log``, a NaN-ignoring
+median, index reads and writes, writes under a flag) is here. Both backends compute in
+float32, the state's type (numpy >= 2 keeps ``np.float32 * 2.5`` float32), so a rule
+gives the same flags on either; the numbers may differ in the last bit (torch's CPU
+``sqrt`` is not always correctly rounded, numpy's is).
+
+The state stays in tensors either way (checkpoints, accessors and devices see tensors):
+:class:`InPlace` lets numpy write into their memory.
 
 The backend follows the data: :func:`ops_for` gives numpy for CPU tensors and torch
-otherwise. Tests run the rules under both (``ops_for`` is the single switch).
+otherwise; :func:`forced` overrides it, for tests that run the rules under both and for
+those that count host reads as a device would make them.
 """
 
 from __future__ import annotations
