@@ -288,6 +288,8 @@ class InPlace:
         object.__setattr__(self, "_scalars", {name for name, v in views.items() if on_host and not v.ndim})
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not set yet (a copy being made): no lookup through _views
+            raise AttributeError(name)
         try:
             view = self._views[name]
         except KeyError:
@@ -295,6 +297,9 @@ class InPlace:
         return view[()] if name in self._scalars else view
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):  # its own slots (a copy being made)
+            object.__setattr__(self, name, value)
+            return
         view = self._views[name]
         if isinstance(view, Tensor):
             view.copy_(value)

@@ -39,7 +39,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -394,7 +394,8 @@ class DeviceReading:
     ratio: Tensor
     total_norm: Tensor
     loss_scale: Tensor
-    _host: Reading | None = field(default=None, repr=False, compare=False)
+    #: the host reading of one made :meth:`on_host` (not a field: ``replace``/``asdict`` leave it out)
+    _host: ClassVar[Reading | None] = None
 
     @classmethod
     def on_host(cls, values: Sequence[Any], total_norm: Tensor) -> DeviceReading:
@@ -426,7 +427,7 @@ class DeviceReading:
 
     def stacked(self) -> Tensor:
         """Every field in one float vector on the device, in field order (what :meth:`Reading.of` reads)."""
-        tensors = [getattr(self, name) for name in _READING_FIELDS]
+        tensors = [getattr(self, f.name) for f in fields(self)]
         return torch.stack([t.float() if t.dtype == torch.bool else t for t in tensors])
 
 
@@ -497,6 +498,11 @@ class HealthDetector:
         self._restored: dict[str, Tensor] = {}  # a checkpoint's tensors, taken over at the next update
         self._cache: dict[Any, Any] = {}
         self._names: tuple[str, ...] | None = None  # the layers the per-layer state refers to
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the cache holds numpy views of the state's memory (see _arrays): a copy would keep
+        # views of the original's tensors, so it starts afresh (everything there is rebuilt)
+        return {**self.__dict__, "_cache": {}}
 
     # -------------------------------------------------------------- state
 

@@ -762,6 +762,7 @@ def _cpu_norms(tensors: list[Tensor], numel: Tensor, floor: Tensor) -> Tensor:
     """
     dtype = tensors[0].dtype
     norms = _norms(tensors, 2.0) if dtype not in _WIDE else torch.stack(_lightning.foreach_norm(tensors, 2.0))
+    numel, floor = numel.to(norms.device), floor.to(norms.device)  # made on the results' device
     # the norms are a CPU tensor's memory, viewed through numpy: no copy, nothing to wait for
     values = norms.numpy()
     which = np.flatnonzero((values <= floor.numpy()) | (values == math.inf))
@@ -940,9 +941,9 @@ def _combine_shards(
     n = len(norms)
     # Every rank must issue the same collectives in the same order, including ranks that
     # hold no local gradient for some key: take the keys from the parameter list (once per list).
-    known = cache.get(("shard keys", id(reduce_keys)))
+    known = cache.get("shard keys")  # one slot: callers that build a new list each time replace it
     if known is None or known[0] is not reduce_keys:
-        known = cache[("shard keys", id(reduce_keys))] = (reduce_keys, list(dict.fromkeys(k for k in reduce_keys if k)))
+        known = cache["shard keys"] = (reduce_keys, list(dict.fromkeys(k for k in reduce_keys if k)))
     for rkey in known[1]:
         mask = cache.get(("mask", rkey, device))
         if mask is None:

@@ -128,3 +128,82 @@ def test_state_key_is_made_once_and_again_after_a_setting_changes(cls, monkeypat
     cb.log_every_n_steps = 7
     assert cb.state_key != key and len(made) == 2
     assert cb.state_key == generate(**cb._key_settings())
+
+
+def _two_layer_stats(first: float, last: float):
+    from lightning_gradguard.stats import GroupedStats
+
+    grouping = Grouping(names=("first", "last"), index=(0, 1), members=(("first.w",), ("last.w",)))
+    norms = torch.tensor([first, last])
+    return GroupedStats(grouping=grouping, norms=norms, max_abs=norms, present=(True, True))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_detector_copied_after_a_cpu_update_keeps_its_own_state(how):
+    """The detector caches numpy views of its state's memory: a copy must not keep the original's views."""
+    import copy
+    import pickle
+
+    from lightning_gradguard.diagnosis import HealthDetector
+
+    d = HealthDetector(patience=3, warmup_steps=0)
+    d.update(_two_layer_stats(1.0, 2.0))
+    twin = copy.deepcopy(d) if how == "deepcopy" else pickle.loads(pickle.dumps(d))
+    for _ in range(4):
+        twin.update(_two_layer_stats(1e-6, 2.0))
+    assert d.state_dict()["count"] == 1.0 and twin.state_dict()["count"] == 5.0
+    assert twin.update(_two_layer_stats(1e-6, 2.0)).to_host().vanishing  # its rings did fill
+    assert not d.update(_two_layer_stats(1.0, 2.0)).to_host().vanishing
+    view = _arrays.InPlace({"x": torch.zeros(())})
+    assert copy.copy(view) is not view  # no endless lookup while the copy has no views yet
+
+
+def test_an_alarm_pickles_after_a_cpu_fit(tmp_path):
+    import pickle
+
+    import lightning.pytorch as pl
+    from helpers import RecordingMLP, loader
+
+    alarm = VanishExplodeAlarm()
+    trainer = pl.Trainer(
+        max_steps=3,
+        callbacks=[alarm],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(RecordingMLP(), loader())
+    again = pickle.loads(pickle.dumps(alarm))
+    assert again.steps_checked == 3 and again.state_key == alarm.state_key
+
+
+def test_host_arithmetic_raises_no_numpy_warnings():
+    """Overflow and inf/inf in the host backend give what torch gives, silently (``-W error`` must not break a run)."""
+    import warnings
+
+    from lightning_gradguard.clipping import ZScoreThreshold, clip_coefficient
+    from lightning_gradguard.diagnosis import HealthDetector
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clip_coefficient(torch.tensor(0.0), 10.0).item() == 1.0  # 10 / tiny overflows
+        assert clip_coefficient(torch.tensor(INF), torch.tensor(INF)).item() == 1.0  # inf / inf
+        rule = ZScoreThreshold(warmup_steps=2, max_norm=INF)
+        for norm in (1.0, 2.0, 3e38, INF, NAN, 0.0):
+            rule.observe(torch.tensor(norm), torch.tensor(True))
+            rule.threshold()
+        d = HealthDetector(patience=2)
+        for pair in ((1.0, 2.0), (INF, 1.0), (NAN, NAN), (0.0, 0.0), (3e38, 1e-38)):
+            d.update(_two_layer_stats(*pair)).to_host()
+
+
+def test_the_shard_key_cache_holds_one_entry():
+    from lightning_gradguard.stats import tensor_stats
+
+    cache: dict = {}
+    tensors = [torch.ones(3), torch.ones(2)]
+    for _ in range(20):  # a caller that builds a new list of keys every step
+        tensor_stats(tensors, [() for _ in tensors], cache=cache)
+    assert sum(1 for k in cache if k == "shard keys" or (isinstance(k, tuple) and k[:1] == ("shard keys",))) == 1

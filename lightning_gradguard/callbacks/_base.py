@@ -98,7 +98,9 @@ class GradGuardCallback(Callback):
         """
         key = self.__dict__.get("_state_key")
         if key is None:
-            key = self.__dict__["_state_key"] = self._generate_state_key(**self._key_settings())
+            settings = self._key_settings()  # none: Lightning's key, the class name
+            key = self._generate_state_key(**settings) if settings else type(self).__qualname__
+            self.__dict__["_state_key"] = key
         return key
 
     def _key_settings(self) -> dict[str, Any]:

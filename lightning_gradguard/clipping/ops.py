@@ -54,8 +54,9 @@ def clip_coefficient(norm: Tensor, threshold: Tensor | float) -> Tensor:
     norm = ops.array(norm.to(torch.float32))
     if isinstance(threshold, Tensor):
         threshold = ops.array(threshold.to(device=norm.device if ops is _arrays.DEVICE else "cpu", dtype=torch.float32))
-    ratio = threshold / ops.clamp_min(norm, _TINY)  # a float stays a scalar: no copy
-    coef = ops.clamp_max(ratio, 1.0)
+    with ops.quiet():  # x / tiny may overflow and inf / inf is NaN: both are handled below
+        ratio = threshold / ops.clamp_min(norm, _TINY)  # a float stays a scalar: no copy
+        coef = ops.clamp_max(ratio, 1.0)
     # comparisons with NaN are false: a NaN norm or coefficient keeps 1, and so do 0 and inf
     keep = (norm > 0) & (norm < math.inf) & (coef == coef)
     return ops.as_tensor(ops.where(keep, coef, 1.0), torch.float32)

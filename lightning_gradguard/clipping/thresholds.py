@@ -490,7 +490,8 @@ class ZScoreThreshold(LearnedThreshold):
 
     def _statistic(self, ops: _arrays.Ops) -> Any:
         """``mean + z_threshold * sqrt(var)``, as ``ops`` computes."""
-        return ops.array(self.mean) + self.z_threshold * ops.sqrt(ops.array(self.var))
+        with ops.quiet():
+            return ops.array(self.mean) + self.z_threshold * ops.sqrt(ops.array(self.var))
 
     def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32)
@@ -533,11 +534,12 @@ class ZScoreThreshold(LearnedThreshold):
         norm = ops.array(norm)
         bound = ops.array(bound.to(self.device)) if isinstance(bound, Tensor) else bound  # or a bound_in value
         ok = ops.array(accept) & ops.isfinite(norm)
-        x = ops.minimum(norm, bound)
-        weight = ops.clamp_min(1.0 / ops.f32(s.seen + 1), 1.0 - self.ema_decay)
-        d = x - s.mean
-        mean = s.mean + weight * d
-        var = (1.0 - weight) * (s.var + weight * d * d)
+        with ops.quiet():  # an overflow or NaN here is refused just below
+            x = ops.minimum(norm, bound)
+            weight = ops.clamp_min(1.0 / ops.f32(s.seen + 1), 1.0 - self.ema_decay)
+            d = x - s.mean
+            mean = s.mean + weight * d
+            var = (1.0 - weight) * (s.var + weight * d * d)
         ok = ok & ops.isfinite(mean) & ops.isfinite(var)
         s.mean = ops.where(ok, mean, s.mean)
         s.var = ops.where(ok, var, s.var)
