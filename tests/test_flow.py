@@ -252,3 +252,56 @@ def test_tensorboard_serves_the_pictures_the_text_and_drawable_scalars(tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+class ManyLayers(pl.LightningModule):
+    """80 small Linear layers in a row: more module groups than ``group_by="auto"`` logs."""
+
+    def __init__(self, depth: int = 80) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(depth)])
+        self.head = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = x
+        for layer in self.body:
+            h = h + 0.1 * torch.tanh(layer(h))  # residual: every layer gets a gradient
+        return nn.functional.mse_loss(self.head(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_auto_default_logs_at_most_64_layers_and_the_pictures_keep_every_module(tmp_path):
+    from lightning_gradguard.stats import AUTO_MAX_GROUPS
+
+    cb = GradientNormLogger(log_param_norms=True, log_update_ratio=True, flow_every_n_steps=4)
+    assert cb.group_by == "auto"
+    trainer = make_trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1)
+    model = ManyLayers()
+    trainer.fit(model, loader(n=64))
+    scalars = read_scalars(trainer.logger.log_dir)
+    layers = {t.split("/", 1)[1] for t in scalars if t.startswith("grad_norm/") and t != "grad_norm/total"}
+    assert 16 <= len(layers) <= AUTO_MAX_GROUPS < 81, len(layers)
+    assert "body.0-1" in layers or any(name.startswith("body.") and "-" in name for name in layers)
+    # a merged group's norm is the norm of its members: the logged value of body.0-1 from the modules' norms
+    history = cb.flow_histories[""]
+    assert len(history.names) == 81 and history.names[0] == "body.0" and history.names[-1] == "head"
+    merged = next(name for name in layers if name.startswith("body.0"))
+    first, last = (int(part) for part in merged.removeprefix("body.").split("-"))
+    column = history.matrix()[:, -1]
+    members = [10.0 ** column[history.names.index(f"body.{i}")] for i in range(first, last + 1)]
+    assert scalars[f"grad_norm/{merged}"][3] == pytest.approx(math.sqrt(sum(v * v for v in members)), rel=1e-4)
+    # the profile's weight norms and update ratios are per module too
+    assert len(history.extras["param_norm"]) == 81 and len(history.extras["update_ratio"]) == 81
+    assert "grad_flow/heatmap" in read_accumulator(trainer.logger.log_dir).Tags()["images"]
+
+
+def test_module_grouping_draws_what_it_logs(tmp_path):
+    cb = GradientNormLogger(group_by="module", flow_every_n_steps=4)
+    trainer = make_trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1)
+    trainer.fit(ManyLayers(), loader(n=64))
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert sum(t.startswith("grad_norm/body.") for t in scalars) == 80
+    assert len(cb.flow_histories[""].names) == 81

@@ -55,6 +55,20 @@ class _PendingUpdate:
     grouping: Grouping
     before: list[Tensor | None]
     param_norms: Tensor  # per-group norm of the weights before the step
+    picture: Grouping | None = None  # the pictures' layers, where they are not the logged ones
+    picture_param_norms: Tensor | None = None  # their weight norms before the step
+
+
+#: one group per owning module: what ``group_by="auto"`` merges, and what the pictures then draw
+_MODULES = Layers("module")
+
+
+def _present(grouping: Grouping, before: list[Tensor | None]) -> list[bool]:
+    """Per group, whether any of its parameters had a gradient (a saved weight) at the logged step."""
+    present = [False] * len(grouping)
+    for gi, b in zip(grouping.index, before):
+        present[gi] = present[gi] or b is not None
+    return present
 
 
 class GradientNormLogger(GradGuardCallback):
@@ -112,10 +126,13 @@ class GradientNormLogger(GradGuardCallback):
         log_every_n_steps: log every this many optimizer steps; ``None`` uses the
             Trainer's ``log_every_n_steps``.
         hook: ``"on_before_optimizer_step"`` (default) or ``"on_after_backward"``.
-        group_by: how parameters form layers: ``"module"`` (owning module, default),
-            ``"parameter"`` (one per tensor), ``"depth"`` (module path cut to
-            ``group_depth`` components), ``"pattern"`` (``group_patterns``) or
-            ``"total"`` (no per-layer keys).
+        group_by: how parameters form layers: ``"auto"`` (default: the owning module, and
+            for a model with more than :data:`~lightning_gradguard.stats.AUTO_MAX_GROUPS`
+            module groups consecutive layers merged along the module tree into at most
+            that many, named after what they cover; the gradient-flow pictures keep one
+            row per module), ``"module"`` (owning module), ``"parameter"`` (one per
+            tensor), ``"depth"`` (module path cut to ``group_depth`` components),
+            ``"pattern"`` (``group_patterns``) or ``"total"`` (no per-layer keys).
         group_depth: depth for ``group_by="depth"``.
         group_patterns: group name -> regular expression searched in parameter names,
             for ``group_by="pattern"``; parameters that match none form ``"other"``.
@@ -158,7 +175,7 @@ class GradientNormLogger(GradGuardCallback):
         *,
         log_every_n_steps: int | None = None,
         hook: Hook = "on_before_optimizer_step",
-        group_by: GroupBy = "module",
+        group_by: GroupBy = "auto",
         group_depth: int | None = None,
         group_patterns: Mapping[str, str] | None = None,
         per_layer: bool = True,
@@ -288,17 +305,24 @@ class GradientNormLogger(GradGuardCallback):
         params = snap.params
         grouping = self._grouping(params, trainer)
         stats = snap.grouped(grouping)
+        picture = self._picture_grouping(params, grouping)
         opt_seg = ""
         if optimizer is not None and len(trainer.optimizers) > 1:
             opt_seg = f"opt{_session.optimizer_index(trainer, optimizer)}/"
         extra: list[Tensor] = []
         param_norms: Tensor | None = None
+        picture_param_norms: Tensor | None = None
         if self.log_param_norms or (self.log_update_ratio and optimizer is not None):
             weights = [p.detach() for p in params.params]
             pn, _ = tensor_stats(weights, params.reduce_keys, device=stats.norms.device, cache=params.cache)
             param_norms = reduce_norms(pn, grouping.index_tensor(pn.device), len(grouping))
+            if picture is not None:
+                picture_param_norms = reduce_norms(pn, picture.index_tensor(pn.device), len(picture))
             if self.log_param_norms:
                 extra += [param_norms, total_norm(param_norms)]
+        picture_stats = snap.grouped(picture) if picture is not None else None
+        if picture_stats is not None:  # in the same host copy
+            extra += [picture_stats.norms] + ([picture_param_norms] if self.log_param_norms else [])
         host = stats.to_host(extra)
 
         metrics: dict[str, float] = {f"{prefix}/{opt_seg}total": host.total_norm}
@@ -325,17 +349,26 @@ class GradientNormLogger(GradGuardCallback):
         _session.log_metrics(trainer, metrics, step, finite_only=True)
         self._describe_layers(trainer, grouping, opt_seg, step)
         if self._pictures.on:
-            norms = [v if has else None for v, has in zip(host.group_norms.values(), stats.present)]
+            drawn, drawn_stats, values, weights_at = grouping, stats, list(host.group_norms.values()), 0
+            if picture_stats is not None:
+                k = 2 if self.log_param_norms else 0
+                drawn, drawn_stats, values, weights_at = picture, picture_stats, host.extras[k], k + 1
+            norms = [v if has else None for v, has in zip(values, drawn_stats.present)]
             layer_weights = None
             if self.log_param_norms:
-                layer_weights = {n: v for n, v, has in zip(grouping.names, host.extras[0], stats.present) if has}
-            self._pictures.record(opt_seg, step, grouping.names, norms, layer_weights)
+                layer_weights = {
+                    n: v for n, v, has in zip(drawn.names, host.extras[weights_at], drawn_stats.present) if has
+                }
+            self._pictures.record(opt_seg, step, drawn.names, norms, layer_weights)
 
         if self.histogram_every_n_steps and is_due(step, self.histogram_every_n_steps):
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
         if self.log_update_ratio and optimizer is not None and param_norms is not None:
             before = [local_tensor(p).detach().clone() if p.grad is not None else None for p in params.params]
-            self._pending.append(_PendingUpdate(step, opt_seg, params, grouping, before, param_norms))
+            pending = _PendingUpdate(step, opt_seg, params, grouping, before, param_norms)
+            if picture is not None:
+                pending.picture, pending.picture_param_norms = picture, picture_param_norms
+            self._pending.append(pending)
 
     def _log_update(self, trainer: pl.Trainer, pending: _PendingUpdate) -> None:
         params = pending.params
@@ -351,17 +384,20 @@ class GradientNormLogger(GradGuardCallback):
         index = grouping.index_tensor(un.device)
         upd = reduce_norms(un, index, len(grouping))
         ratio_total = total_norm(upd) / total_norm(pending.param_norms).clamp_min(1e-30)
-        values = torch.cat([upd / pending.param_norms.clamp_min(1e-30), ratio_total.view(1)])
-        values = values.tolist()
-        ratios, total = values[:-1], values[-1]
+        parts = [upd / pending.param_norms.clamp_min(1e-30), ratio_total.view(1)]
+        picture = pending.picture
+        if picture is not None and pending.picture_param_norms is not None:  # in the same host copy
+            drawn = reduce_norms(un, picture.index_tensor(un.device), len(picture))
+            parts.append(drawn / pending.picture_param_norms.clamp_min(1e-30))
+        values = torch.cat(parts).tolist()
+        ratios, total, picture_ratios = values[: len(grouping)], values[len(grouping)], values[len(grouping) + 1 :]
         metrics = {
             f"update_ratio/{pending.prefix}total": total,
             f"update_ratio_log10/{pending.prefix}total": _log10(total),
         }
-        present = [False] * len(grouping)
-        for gi, b in zip(grouping.index, pending.before):
-            present[gi] = present[gi] or b is not None
-        by_name = {name: value for name, value, has in zip(grouping.names, ratios, present) if has}
+        by_name = {
+            name: value for name, value, has in zip(grouping.names, ratios, _present(grouping, pending.before)) if has
+        }
         if self.per_layer and self.group_by != "total":
             for name, value in by_name.items():
                 metrics[f"update_ratio/{pending.prefix}{name}"] = value
@@ -369,7 +405,24 @@ class GradientNormLogger(GradGuardCallback):
             for which, name in _first_middle_last(list(by_name)).items():
                 metrics[f"update_ratio_log10/{pending.prefix}{which}"] = _log10(by_name[name])
         _session.log_metrics(trainer, metrics, pending.step, finite_only=True)
+        if picture is not None:
+            by_name = {
+                name: value
+                for name, value, has in zip(picture.names, picture_ratios, _present(picture, pending.before))
+                if has
+            }
         self._pictures.note_update_ratio(pending.prefix, by_name)
+
+    def _picture_grouping(self, params: Any, grouping: Grouping) -> Grouping | None:
+        """The pictures' layers where they differ from the logged ones: the module groups ``"auto"`` merged.
+
+        A picture has a row per layer to spare where a chart per layer would be too many;
+        ``None``: the pictures draw the logged layers.
+        """
+        if self.group_by != "auto" or not self._pictures.on:
+            return None
+        modules = _MODULES.of(params)
+        return modules if len(modules) > len(grouping) else None
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
