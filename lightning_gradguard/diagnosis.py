@@ -440,7 +440,11 @@ _READING_FIELDS = tuple(f.name for f in fields(Reading))
 
 
 class HealthDetector:
-    """Running gradient-health checks, all on the device.
+    """Running gradient-health checks, all on the device (on the CPU, in numpy on the same memory).
+
+    The rules are written once against :mod:`lightning_gradguard._arrays`: torch
+    operations on a device, so that nothing waits for it; numpy on views of the state's
+    CPU tensors, where a torch dispatch per scalar operation would cost more than the rules.
 
     Per step, :meth:`update` returns a :class:`DeviceReading`: one flag per kind
     (``nonfinite``, ``exploding``, ``vanishing``, ``dead``, ``overflow``), the ``zscore``

@@ -1,7 +1,8 @@
 """In-place clipping of gradient lists: total-norm and element-wise, with a device-side coefficient.
 
 Everything stays on the device (decisions are ``torch.where``/``clamp``, never a Python
-``if`` on a device value), tensors are grouped by :func:`~lightning_gradguard.stats.bucket`
+``if`` on a device value; on the CPU the coefficient is computed in numpy, see
+:mod:`lightning_gradguard._arrays`), tensors are grouped by :func:`~lightning_gradguard.stats.bucket`
 and changed with the foreach wrappers of :mod:`lightning_gradguard._lightning`, DTensors
 through their local shard, sparse COO tensors through their stored values.
 
