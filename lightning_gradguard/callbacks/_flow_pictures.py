@@ -4,6 +4,9 @@ One :class:`~lightning_gradguard.flow.FlowHistory` per optimizer segment (``""``
 ``"opt<i>/"``) collects the logged per-layer norms; every ``every`` steps (and at the end
 of ``fit``) the due segments are drawn to TensorBoard's Images tab as a heatmap and a
 per-layer profile. The drawing itself is :mod:`lightning_gradguard.flow`'s.
+
+With ``group_by="auto"`` a big model's logged groups merge consecutive modules; a picture
+has a row to spare for every module, so it keeps them (:meth:`FlowPictures.layers`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_gradguard import flow
 from lightning_gradguard.callbacks import _session
+from lightning_gradguard.callbacks._base import Layers
+from lightning_gradguard.stats import Grouping, ParamSet
+
+#: one group per owning module: what ``group_by="auto"`` merges, and what the pictures then draw
+_MODULES = Layers("module")
 
 
 class FlowPictures:
@@ -60,6 +68,16 @@ class FlowPictures:
             )
         else:
             rank_zero_info(f"GradientNormLogger: the gradient-flow pictures are off: {why}.")
+
+    def layers(self, params: ParamSet, logged: Grouping, group_by: str) -> Grouping | None:
+        """The pictures' layers where they are not the logged ones: the module groups that ``"auto"`` merged.
+
+        ``None``: the pictures draw the logged layers.
+        """
+        if group_by != "auto" or not self.on:
+            return None
+        modules = _MODULES.of(params)
+        return modules if len(modules) > len(logged) else None
 
     def start(self) -> None:
         """A new fit: nothing due yet; the first pictures after ``every`` steps."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,8 +59,26 @@ class _PendingUpdate:
     picture_param_norms: Tensor | None = None  # their weight norms before the step
 
 
-#: one group per owning module: what ``group_by="auto"`` merges, and what the pictures then draw
-_MODULES = Layers("module")
+def _layer_values(
+    stats: Any, norms: Sequence[float], weights: Sequence[float] | None
+) -> tuple[tuple[str, ...], list[float | None], dict[str, float] | None]:
+    """Names, norms (``None`` without a gradient) and weight norms of ``stats``' layers, for the pictures."""
+    names, present = stats.grouping.names, stats.present
+    by_layer = [v if has else None for v, has in zip(norms, present)]
+    if weights is None:
+        return names, by_layer, None
+    return names, by_layer, {n: v for n, v, has in zip(names, weights, present) if has}
+
+
+def _weight_norms(
+    params: Any, device: torch.device, grouping: Grouping, picture: Grouping | None
+) -> tuple[Tensor, Tensor | None]:
+    """Per-layer weight norms before the step, for the logged layers and for the pictures' own (if any)."""
+    norms, _ = tensor_stats([p.detach() for p in params.params], params.reduce_keys, device=device, cache=params.cache)
+    logged = reduce_norms(norms, grouping.index_tensor(norms.device), len(grouping))
+    if picture is None:
+        return logged, None
+    return logged, reduce_norms(norms, picture.index_tensor(norms.device), len(picture))
 
 
 def _present(grouping: Grouping, before: list[Tensor | None]) -> list[bool]:
@@ -305,19 +323,14 @@ class GradientNormLogger(GradGuardCallback):
         params = snap.params
         grouping = self._grouping(params, trainer)
         stats = snap.grouped(grouping)
-        picture = self._picture_grouping(params, grouping)
+        picture = self._pictures.layers(params, grouping, self.group_by)
         opt_seg = ""
         if optimizer is not None and len(trainer.optimizers) > 1:
             opt_seg = f"opt{_session.optimizer_index(trainer, optimizer)}/"
         extra: list[Tensor] = []
-        param_norms: Tensor | None = None
-        picture_param_norms: Tensor | None = None
+        param_norms = picture_param_norms = None
         if self.log_param_norms or (self.log_update_ratio and optimizer is not None):
-            weights = [p.detach() for p in params.params]
-            pn, _ = tensor_stats(weights, params.reduce_keys, device=stats.norms.device, cache=params.cache)
-            param_norms = reduce_norms(pn, grouping.index_tensor(pn.device), len(grouping))
-            if picture is not None:
-                picture_param_norms = reduce_norms(pn, picture.index_tensor(pn.device), len(picture))
+            param_norms, picture_param_norms = _weight_norms(params, stats.norms.device, grouping, picture)
             if self.log_param_norms:
                 extra += [param_norms, total_norm(param_norms)]
         picture_stats = snap.grouped(picture) if picture is not None else None
@@ -349,17 +362,13 @@ class GradientNormLogger(GradGuardCallback):
         _session.log_metrics(trainer, metrics, step, finite_only=True)
         self._describe_layers(trainer, grouping, opt_seg, step)
         if self._pictures.on:
-            drawn, drawn_stats, values, weights_at = grouping, stats, list(host.group_norms.values()), 0
+            # the logged layers, or the pictures' own after the logged extras (see above)
+            with_weights = self.log_param_norms
+            drawn, values, weights = stats, list(host.group_norms.values()), host.extras[0] if with_weights else None
             if picture_stats is not None:
-                k = 2 if self.log_param_norms else 0
-                drawn, drawn_stats, values, weights_at = picture, picture_stats, host.extras[k], k + 1
-            norms = [v if has else None for v, has in zip(values, drawn_stats.present)]
-            layer_weights = None
-            if self.log_param_norms:
-                layer_weights = {
-                    n: v for n, v, has in zip(drawn.names, host.extras[weights_at], drawn_stats.present) if has
-                }
-            self._pictures.record(opt_seg, step, drawn.names, norms, layer_weights)
+                k = 2 if with_weights else 0
+                drawn, values, weights = picture_stats, host.extras[k], host.extras[k + 1] if with_weights else None
+            self._pictures.record(opt_seg, step, *_layer_values(drawn, values, weights))
 
         if self.histogram_every_n_steps and is_due(step, self.histogram_every_n_steps):
             self._log_histograms(trainer, snap, grouping, opt_seg, step)
@@ -412,17 +421,6 @@ class GradientNormLogger(GradGuardCallback):
                 if has
             }
         self._pictures.note_update_ratio(pending.prefix, by_name)
-
-    def _picture_grouping(self, params: Any, grouping: Grouping) -> Grouping | None:
-        """The pictures' layers where they differ from the logged ones: the module groups ``"auto"`` merged.
-
-        A picture has a row per layer to spare where a chart per layer would be too many;
-        ``None``: the pictures draw the logged layers.
-        """
-        if self.group_by != "auto" or not self._pictures.on:
-            return None
-        modules = _MODULES.of(params)
-        return modules if len(modules) > len(grouping) else None
 
     def _log_histograms(self, trainer: pl.Trainer, snap: Any, grouping: Grouping, opt_seg: str, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
