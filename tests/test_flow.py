@@ -273,10 +273,11 @@ class ManyLayers(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_auto_default_logs_at_most_64_layers_and_the_pictures_keep_every_module(tmp_path):
+@pytest.mark.parametrize("with_weights", [False, True], ids=["defaults", "weights-and-updates"])
+def test_auto_default_logs_at_most_64_layers_and_the_pictures_keep_every_module(tmp_path, with_weights):
     from lightning_gradguard.stats import AUTO_MAX_GROUPS
 
-    cb = GradientNormLogger(log_param_norms=True, log_update_ratio=True, flow_every_n_steps=4)
+    cb = GradientNormLogger(log_param_norms=with_weights, log_update_ratio=with_weights, flow_every_n_steps=4)
     assert cb.group_by == "auto"
     trainer = make_trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1)
     model = ManyLayers()
@@ -284,18 +285,35 @@ def test_auto_default_logs_at_most_64_layers_and_the_pictures_keep_every_module(
     scalars = read_scalars(trainer.logger.log_dir)
     layers = {t.split("/", 1)[1] for t in scalars if t.startswith("grad_norm/") and t != "grad_norm/total"}
     assert 16 <= len(layers) <= AUTO_MAX_GROUPS < 81, len(layers)
-    assert "body.0-1" in layers or any(name.startswith("body.") and "-" in name for name in layers)
-    # a merged group's norm is the norm of its members: the logged value of body.0-1 from the modules' norms
     history = cb.flow_histories[""]
     assert len(history.names) == 81 and history.names[0] == "body.0" and history.names[-1] == "head"
+    # a merged group's logged norm is the norm of its modules' norms, which the picture holds
     merged = next(name for name in layers if name.startswith("body.0"))
     first, last = (int(part) for part in merged.removeprefix("body.").split("-"))
     column = history.matrix()[:, -1]
     members = [10.0 ** column[history.names.index(f"body.{i}")] for i in range(first, last + 1)]
     assert scalars[f"grad_norm/{merged}"][3] == pytest.approx(math.sqrt(sum(v * v for v in members)), rel=1e-4)
-    # the profile's weight norms and update ratios are per module too
-    assert len(history.extras["param_norm"]) == 81 and len(history.extras["update_ratio"]) == 81
     assert "grad_flow/heatmap" in read_accumulator(trainer.logger.log_dir).Tags()["images"]
+    if not with_weights:
+        assert "param_norm" not in history.extras and "update_ratio" not in history.extras
+        return
+    # the profile's weight norms and update ratios are per module too: weights, not gradients
+    weights, ratios = history.extras["param_norm"], history.extras["update_ratio"]
+    assert list(weights) == list(history.names) == list(ratios)
+    layer = model.body[0]
+    now = math.sqrt(layer.weight.detach().pow(2).sum().item() + layer.bias.detach().pow(2).sum().item())
+    assert weights["body.0"] == pytest.approx(now, rel=1e-2)  # before the last step: SGD moved it by ~1e-3
+    assert weights["body.0"] != pytest.approx(10.0 ** column[0], rel=0.1)
+    assert 1e-6 < ratios["body.0"] < 1e-1
+
+
+def test_a_grouping_that_merges_by_itself_draws_what_it_logs(tmp_path):
+    cb = GradientNormLogger(group_by="depth", group_depth=1, flow_every_n_steps=4)
+    trainer = make_trainer(tmp_path, [cb], max_steps=4, log_every_n_steps=1)
+    trainer.fit(ManyLayers(), loader(n=64))
+    scalars = read_scalars(trainer.logger.log_dir)
+    assert {"grad_norm/body", "grad_norm/head"} <= set(scalars) and "grad_norm/body.0" not in scalars
+    assert cb.flow_histories[""].names == ["body", "head"]  # only "auto" draws finer than it logs
 
 
 def test_module_grouping_draws_what_it_logs(tmp_path):
@@ -305,3 +323,17 @@ def test_module_grouping_draws_what_it_logs(tmp_path):
     scalars = read_scalars(trainer.logger.log_dir)
     assert sum(t.startswith("grad_norm/body.") for t in scalars) == 80
     assert len(cb.flow_histories[""].names) == 81
+
+
+def test_a_checkpoint_of_the_old_module_default_resumes_its_pictures(tmp_path):
+    """``group_by="auto"`` became the default: a checkpoint written with ``"module"`` still resumes the history."""
+    cb = GradientNormLogger(group_by="module", flow_every_n_steps=100)
+    trainer = make_trainer(tmp_path, [cb], max_steps=4)
+    trainer.fit(DeepSigmoid(), loader(n=256))
+    path = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = GradientNormLogger(flow_every_n_steps=100)
+    assert resumed.state_key != cb.state_key and resumed._legacy_state_key == cb.state_key
+    trainer = make_trainer(tmp_path / "b", [resumed], max_steps=8)
+    trainer.fit(DeepSigmoid(), loader(n=256), ckpt_path=str(path))
+    assert resumed.flow_histories[""].steps == list(range(8)), "the picture covers the steps before the resume"

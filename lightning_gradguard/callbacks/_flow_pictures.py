@@ -1,7 +1,8 @@
 """The gradient-flow pictures of ``GradientNormLogger``: bounded histories, when they are due, drawing.
 
 One :class:`~lightning_gradguard.flow.FlowHistory` per optimizer segment (``""`` or
-``"opt<i>/"``) collects the logged per-layer norms; every ``every`` steps (and at the end
+``"opt<i>/"``) collects the per-layer norms of the logging steps (the logged layers, or each
+module where ``"auto"`` merged them); every ``every`` steps (and at the end
 of ``fit``) the due segments are drawn to TensorBoard's Images tab as a heatmap and a
 per-layer profile. The drawing itself is :mod:`lightning_gradguard.flow`'s.
 

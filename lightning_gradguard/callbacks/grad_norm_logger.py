@@ -81,12 +81,9 @@ def _weight_norms(
     return logged, reduce_norms(norms, picture.index_tensor(norms.device), len(picture))
 
 
-def _present(grouping: Grouping, before: list[Tensor | None]) -> list[bool]:
-    """Per group, whether any of its parameters had a gradient (a saved weight) at the logged step."""
-    present = [False] * len(grouping)
-    for gi, b in zip(grouping.index, before):
-        present[gi] = present[gi] or b is not None
-    return present
+def _saved(before: list[Tensor | None]) -> tuple[bool, ...]:
+    """Per parameter, whether it had a gradient (a saved weight) at the logged step."""
+    return tuple(b is not None for b in before)
 
 
 class GradientNormLogger(GradGuardCallback):
@@ -405,7 +402,9 @@ class GradientNormLogger(GradGuardCallback):
             f"update_ratio_log10/{pending.prefix}total": _log10(total),
         }
         by_name = {
-            name: value for name, value, has in zip(grouping.names, ratios, _present(grouping, pending.before)) if has
+            name: value
+            for name, value, has in zip(grouping.names, ratios, grouping.present(_saved(pending.before)))
+            if has
         }
         if self.per_layer and self.group_by != "total":
             for name, value in by_name.items():
@@ -417,7 +416,7 @@ class GradientNormLogger(GradGuardCallback):
         if picture is not None:
             by_name = {
                 name: value
-                for name, value, has in zip(picture.names, picture_ratios, _present(picture, pending.before))
+                for name, value, has in zip(picture.names, picture_ratios, picture.present(_saved(pending.before)))
                 if has
             }
         self._pictures.note_update_ratio(pending.prefix, by_name)
@@ -494,6 +493,16 @@ class GradientNormLogger(GradGuardCallback):
         return charts
 
     # ------------------------------------------------------------------ checkpointing
+
+    @property
+    def _legacy_state_key(self) -> Any:
+        """Where Lightning looks when :attr:`state_key` is not in a checkpoint: the default
+        ``group_by`` was ``"module"`` before ``"auto"``, so a checkpoint written with it still
+        resumes its pictures (for up to 64 modules the two group alike, and beyond the
+        pictures keep one row per module either way)."""
+        if self.group_by != "auto":
+            return super()._legacy_state_key
+        return self._generate_state_key(**{**self._key_settings(), "group_by": "module"})
 
     @override
     def state_dict(self) -> dict[str, Any]:
