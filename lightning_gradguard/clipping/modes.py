@@ -396,14 +396,14 @@ class _LearnedMode(ClipMode):
         """
         rule = self.rule(step.index, step.pre.device)
         ops = _arrays.ops_for(step.pre.device)  # the rule's arithmetic: numpy scalars on the CPU
-        bound = rule.bound_in(ops)
+        bound = rule.bound_in(ops)  # stays in ops' terms: observe() takes it as it is
         threshold = rule.cap_in(ops, bound)
         coef = clip_coefficient(step.pre, threshold)
-        bound, threshold = ops.as_tensor(bound, torch.float32), ops.as_tensor(threshold, torch.float32)
+        threshold = ops.as_tensor(threshold, torch.float32)
         s = self.settings
         over: bool | None = False
         if s["skip_factor"] is not None:
-            above = step.finite & (step.pre > s["skip_factor"] * bound)
+            above = step.finite & (step.pre > s["skip_factor"] * ops.as_tensor(bound, torch.float32))
             if step.agree_on_device is not None:  # an outlier where every rank says so and its own norm is finite
                 over_here = step.agree_on_device(above) & step.finite
                 return self._skip_on_device(step, rule, bound, threshold, coef, over_here)
@@ -421,7 +421,7 @@ class _LearnedMode(ClipMode):
         return ClipResult.of(step, threshold, coef < 1, coef=coef, over_skip=over)
 
     def _skip_on_device(
-        self, step: Step, rule: LearnedThreshold, bound: Tensor, threshold: Tensor, coef: Tensor, over: Tensor
+        self, step: Step, rule: LearnedThreshold, bound: Any, threshold: Tensor, coef: Tensor, over: Tensor
     ) -> ClipResult:
         """:meth:`apply`'s skip decision as 0-dim device tensors: no host read at all.
 

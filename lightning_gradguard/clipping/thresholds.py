@@ -160,7 +160,7 @@ class LearnedThreshold:
         """The statistic of past norms (0-dim float32); ``inf`` when nothing was observed."""
         raise NotImplementedError
 
-    def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
+    def observe(self, norm: Tensor, accept: Tensor, bound: Any = None) -> None:
         """Record this step's total ``norm`` where ``accept`` (0-dim bool) is true.
 
         Call it after :meth:`threshold` was read for the step: the step's own norm is not
@@ -170,7 +170,7 @@ class LearnedThreshold:
             norm: the pre-clip total norm of the step (0-dim tensor).
             accept: whether the step may enter the statistics (e.g. not skipped).
             bound: :meth:`bound` as read for this step, if the caller has it (saves
-                computing it again).
+                computing it again); or :meth:`bound_in`'s value for the rule's device.
         """
         raise NotImplementedError
 
@@ -359,7 +359,7 @@ class PercentileThreshold(LearnedThreshold):
     def early(self) -> Tensor:
         return filled_percentile(self.buffer, self.seen.clamp(max=self.window), 50.0)
 
-    def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
+    def observe(self, norm: Tensor, accept: Tensor, bound: Any = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32).reshape(1)
         ok = (accept.to(self.device) & torch.isfinite(norm)).reshape(1)
         pos = (self.seen % self.window).view(1)
@@ -493,7 +493,7 @@ class ZScoreThreshold(LearnedThreshold):
         with ops.quiet():
             return ops.array(self.mean) + self.z_threshold * ops.sqrt(ops.array(self.var))
 
-    def observe(self, norm: Tensor, accept: Tensor, bound: Tensor | None = None) -> None:
+    def observe(self, norm: Tensor, accept: Tensor, bound: Any = None) -> None:
         norm = norm.to(device=self.device, dtype=torch.float32)
         if self.seen_at_least >= self.start_size:  # known on the host: the start is over
             ops = _arrays.ops_for(self.device)
@@ -524,7 +524,7 @@ class ZScoreThreshold(LearnedThreshold):
         self.seen.add_(ok.to(torch.int64))
         self._refresh_seen()
 
-    def _update(self, norm: Tensor, accept: Tensor, bound: Tensor) -> None:
+    def _update(self, norm: Tensor, accept: Tensor, bound: Any) -> None:
         """Rule 3 after the start: the winsorized norm into the moving mean and variance.
 
         Written against :mod:`lightning_gradguard._arrays`: numpy scalars on the CPU, torch on a device.
